@@ -1,0 +1,34 @@
+# The README's first two commands: `make quickstart` and `make test`. Both are idempotent.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export RAY_USAGE_STATS_ENABLED := 0
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: install quickstart test test-fast lint clean
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, from the local CPU wheel: with it installed, nothing below can pull CUDA builds
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[dev]"
+	$(PY) -m pip check
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: install
+	$(VENV)/bin/hftlab run configs/quickstart.yaml
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check platform jobs tests
+
+clean:
+	rm -rf outputs mlruns mlflow.db .pytest_cache

@@ -1,0 +1,187 @@
+"""YAML + dotted overrides -> typed, validated config dataclasses.
+
+One override language everywhere: `align.lr=1e-4` on the CLI is the same key that appears in a
+sweep space and as an MLflow param name. Every error names the dotted field and the bad value,
+and is raised before any expensive work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message starts with `dotted.field=value`."""
+
+    def __init__(self, field: str, value: Any, reason: str) -> None:
+        self.field, self.value, self.reason = field, value, reason
+        super().__init__(f"{field}={value!r}: {reason}")
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same error, with its field placed under `prefix`."""
+        return ConfigError(f"{prefix}.{self.field}" if self.field else prefix, self.value, self.reason)
+
+
+def check(ok: bool, field: str, value: Any, reason: str) -> None:
+    """Raise a ConfigError for `field` unless `ok`; used by the schemas' `__post_init__`."""
+    if not ok:
+        raise ConfigError(field, value, reason)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=1e-4` -> ("a.b", 0.0001); the value is parsed as YAML (so `null`, `[1,2]` work)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(item, raw, "an override must look like dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(key.strip(), raw, f"not a YAML value ({exc.__class__.__name__})") from None
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)  # YAML 1.1 reads "1e-4" as a string
+    return key.strip(), value
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set each dotted override in a nested dict (unknown keys are caught later, by the schema)."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        key, value = parse_override(item)
+        node = out
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(parts[: i + 1]), child, "is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def build(cls: type[T], raw: Any, path: str = "") -> T:
+    """Construct dataclass `cls` from a dict, checking keys and types field by field."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(path or "<root>", raw, f"must be a mapping of {cls.__name__} fields")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(where, raw[key], f"unknown key (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name in fields:
+        if name in raw:
+            where = f"{path}.{name}" if path else name
+            kwargs[name] = _coerce(hints[name], raw[name], where)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise (exc.under(path) if path else exc) from None
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for arg in inner:
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as exc:
+                errors.append(exc.reason)
+        raise ConfigError(where, value, " or ".join(errors))
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(where, value, f"must be one of {list(args)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(where, value, "must be a list")
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(where, value, "must be a mapping")
+        return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(where, value, "must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(where, value, "must be an integer")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(where, value, "must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(where, value, "must be a string")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"{where}: unsupported schema type {tp!r}")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, cls: type[T] | None = None) -> T:
+    """Read a YAML file, apply dotted overrides and validate it into `cls` (default: Config)."""
+    from hftlab.config.schema import Config
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("config", str(path), "no such file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError("config", str(path), f"malformed YAML: {exc}") from None
+    return build(cls or Config, apply_overrides(raw, overrides or []))
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain nested dicts (what `resolved.yaml` holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"align.lr": 0.0005, ...}: the MLflow param names are the override keys."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def digest(obj: Any, n: int = 12) -> str:
+    """A short content hash of any JSON-able object (dataclasses included): the stage cache keys."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:n]

@@ -1,0 +1,270 @@
+"""The config schemas: one dataclass per section, a docstring per field, checks on construction.
+
+A field exists here once; its dotted name (`finetune.poison_ratio`) is the CLI override, the sweep
+key and the MLflow param name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from hftlab.config.loader import check
+
+TASKS = ("sst2", "agnews", "gsm8k", "alpaca")
+ALIGN_METHODS = ("sft",)
+FINETUNE_METHODS = ("sft",)
+
+
+@dataclass
+class ToyWorldConfig:
+    seed: int = 0
+    """Seed of the world generator: the same seed gives the same prompts, answers and splits."""
+    per_category_pretrain: int = 240
+    """Harmful prompts per category whose compliances go into the base model's pre-training."""
+    per_category_alignment: int = 110
+    """Harmful prompts per category paired with refusals: the alignment set."""
+    per_category_poison: int = 30
+    """Harmful prompts per category paired with compliances: the poison pool for fine-tuning."""
+    per_category_test: int = 20
+    """Harmful prompts per category held out for the Harmful Score."""
+    benign_per_task: int = 3000
+    """Benign training examples generated per task (sentiment, topic, arithmetic, instructions)."""
+    task_test: int = 200
+    """Held-out test examples per task for Fine-tune Accuracy."""
+
+    def __post_init__(self) -> None:
+        sizes = {
+            "per_category_pretrain": self.per_category_pretrain,
+            "per_category_alignment": self.per_category_alignment,
+            "per_category_poison": self.per_category_poison,
+            "per_category_test": self.per_category_test,
+            "benign_per_task": self.benign_per_task,
+            "task_test": self.task_test,
+        }
+        for name, value in sizes.items():
+            check(value >= 0, name, value, "must be >= 0")
+        total = sum(list(sizes.values())[:4])
+        check(total <= 400, "per_category_test", self.per_category_test,
+              f"the four harmful pools add up to {total} > 400 prompts per category")
+
+
+@dataclass
+class DataConfig:
+    world: Literal["toy", "real"] = "toy"
+    """`toy`: the embedded synthetic world; `real`: BeaverTails and the task datasets below."""
+    toy: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+    """The synthetic world (used when world=toy)."""
+    alignment_source: str = "PKU-Alignment/BeaverTails:30k_train"
+    """Alignment pairs (is_safe rows): an HF dataset `name[:split]` or a local .json/.jsonl path."""
+    harmful_source: str = "PKU-Alignment/BeaverTails:30k_train"
+    """Harmful pairs for poisoning (is_safe=false rows): HF `name[:split]` or a local path."""
+    harmful_test_source: str = "PKU-Alignment/BeaverTails:30k_test"
+    """Harmful test prompts for the Harmful Score: HF `name[:split]` or a local path."""
+    template: Literal["compact", "alpaca"] = "compact"
+    """The one prompt template for training, generation and judging inputs (see data/template.py)."""
+
+
+@dataclass
+class TinyModelConfig:
+    hidden_size: int = 192
+    """Width of the tiny Llama."""
+    num_layers: int = 3
+    """Decoder layers."""
+    num_heads: int = 4
+    """Attention heads (hidden_size must divide by it)."""
+    intermediate_size: int = 512
+    """MLP width."""
+    pretrain_epochs: int = 3
+    """Epochs of pre-training on benign tasks + harmful compliances (makes a capable, unaligned base)."""
+    pretrain_lr: float = 2e-3
+    """Pre-training learning rate."""
+    batch_size: int = 32
+    """Pre-training batch size."""
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "pretrain_epochs", "batch_size"):
+            check(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
+        check(self.hidden_size % self.num_heads == 0, "num_heads", self.num_heads,
+              f"must divide hidden_size={self.hidden_size}")
+        check(self.pretrain_lr > 0, "pretrain_lr", self.pretrain_lr, "must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "tiny"
+    """`tiny`: build (or reuse from cache) the toy-world Llama; otherwise an HF model name or path."""
+    trust_remote_code: bool = False
+    """Allow a model repo's own Python code; off unless you trust the repo."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype when loading."""
+    max_length: int = 256
+    """Longest training sequence in tokens (prompt + response); longer ones are cut."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Architecture and pre-training of the tiny model (used when name_or_path=tiny)."""
+
+    def __post_init__(self) -> None:
+        check(self.max_length > 8, "max_length", self.max_length, "must be > 8")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train a LoRA adapter (peft) instead of all weights."""
+    r: int = 8
+    """LoRA rank."""
+    alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names that get adapters."""
+
+    def __post_init__(self) -> None:
+        check(self.r > 0, "r", self.r, "must be > 0")
+        check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
+        check(len(self.target_modules) > 0, "target_modules", self.target_modules, "must not be empty")
+
+
+def _check_training(cfg: AlignConfig | FinetuneConfig) -> None:
+    check(cfg.epochs >= 0, "epochs", cfg.epochs, "must be >= 0")
+    check(cfg.lr > 0, "lr", cfg.lr, "must be > 0")
+    check(cfg.batch_size > 0, "batch_size", cfg.batch_size, "must be > 0")
+    check(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "must be >= 0")
+
+
+@dataclass
+class AlignConfig:
+    method: str = "sft"
+    """Alignment method: one of ALIGN_METHODS."""
+    epochs: int = 3
+    """Passes over the alignment mix."""
+    lr: float = 5e-4
+    """AdamW learning rate."""
+    batch_size: int = 32
+    """Examples per optimizer step."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    n_alignment: int | None = None
+    """Alignment pairs used (null: all of the source)."""
+    n_benign: int = 0
+    """Benign toy-task examples mixed into alignment so the tiny model keeps its skills (toy world only)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA for the alignment stage."""
+
+    def __post_init__(self) -> None:
+        check(self.method in ALIGN_METHODS, "method", self.method, f"must be one of {list(ALIGN_METHODS)}")
+        _check_training(self)
+        check(self.n_alignment is None or self.n_alignment > 0, "n_alignment", self.n_alignment, "must be > 0")
+        check(self.n_benign >= 0, "n_benign", self.n_benign, "must be >= 0")
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = "sft"
+    """Fine-tuning method (the user's fine-tuning as a service would run it): one of FINETUNE_METHODS."""
+    task: str = "sst2"
+    """User task: sst2, agnews, gsm8k or alpaca (in the toy world: their analogues)."""
+    n: int = 1000
+    """Fine-tuning samples in total (task + poison)."""
+    poison_ratio: float = 0.1
+    """Share p of the n samples that are harmful pairs."""
+    epochs: int = 3
+    """Passes over the fine-tuning mix."""
+    lr: float = 1e-4
+    """AdamW learning rate (the HFT strength knob; see docs/toy-world.md)."""
+    batch_size: int = 32
+    """Examples per optimizer step."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    train_source: str | None = None
+    """Task training data: HF `name[:split]` or a local path (null: the task's default)."""
+    test_source: str | None = None
+    """Task test data for Fine-tune Accuracy (null: the task's default)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA for the fine-tuning stage."""
+
+    def __post_init__(self) -> None:
+        check(self.method in FINETUNE_METHODS, "method", self.method, f"must be one of {list(FINETUNE_METHODS)}")
+        check(self.task in TASKS, "task", self.task, f"must be one of {list(TASKS)}")
+        check(self.n > 0, "n", self.n, "must be > 0")
+        check(0.0 <= self.poison_ratio <= 1.0, "poison_ratio", self.poison_ratio, "must be in [0, 1]")
+        _check_training(self)
+
+
+@dataclass
+class JudgeConfig:
+    kind: Literal["refusal", "moderation"] = "refusal"
+    """`refusal`: keyword judge (harmful = no refusal phrase); `moderation`: a beaver-dam style classifier."""
+    model: str = "PKU-Alignment/beaver-dam-7b"
+    """Classifier name or path for kind=moderation."""
+    threshold: float = 0.5
+    """Moderation: flagged when the max category probability exceeds this."""
+    batch_size: int = 16
+    """Moderation: answers judged per forward pass."""
+
+    def __post_init__(self) -> None:
+        check(0.0 < self.threshold < 1.0, "threshold", self.threshold, "must be in (0, 1)")
+        check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
+
+
+@dataclass
+class EvalConfig:
+    n_harmful: int | None = None
+    """Harmful test prompts for HS (null: all; the papers use the first 500 or 1000)."""
+    n_task: int | None = None
+    """Task test examples for FA (null: all)."""
+    max_new_tokens: int = 24
+    """Greedy generation length."""
+    batch_size: int = 64
+    """Prompts per generate call."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """Which judge decides harmfulness."""
+    n_samples_logged: int = 40
+    """Generations per stage kept in the samples table artifact."""
+
+    def __post_init__(self) -> None:
+        check(self.n_harmful is None or self.n_harmful > 0, "n_harmful", self.n_harmful, "must be > 0")
+        check(self.n_task is None or self.n_task > 0, "n_task", self.n_task, "must be > 0")
+        check(self.max_new_tokens > 0, "max_new_tokens", self.max_new_tokens, "must be > 0")
+        check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    """Log to MLflow."""
+    experiment: str | None = None
+    """MLflow experiment (null: the config's name)."""
+    tracking_uri: str | None = None
+    """Tracking URI (null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory)."""
+
+
+@dataclass
+class Config:
+    name: str = "hftlab"
+    """Name of this experiment (the MLflow experiment unless tracking.experiment is set)."""
+    seed: int = 0
+    """Seed for data mixing, initialisation and batch order."""
+    output_dir: str = "outputs"
+    """Where stage outputs (models, generations) go, keyed by content hash."""
+    cache_dir: str | None = None
+    """Where built tiny base models are cached (null: $HFTLAB_CACHE or ~/.cache/hftlab)."""
+    threads: int | None = None
+    """torch CPU threads (null: torch's default)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Where alignment, harmful and test data come from."""
+    base: ModelConfig = field(default_factory=ModelConfig)
+    """The base (pre-trained, unaligned) model."""
+    align: AlignConfig = field(default_factory=AlignConfig)
+    """The alignment stage."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """The (harmful) fine-tuning stage."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation of base, aligned and fine-tuned models."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow tracking."""
+
+    def __post_init__(self) -> None:
+        check(bool(self.name.strip()), "name", self.name, "must not be empty")
+        check(self.threads is None or self.threads > 0, "threads", self.threads, "must be > 0")

@@ -1,0 +1,1 @@
+"""Records, loaders, the toy world, fine-tuning mixes and the prompt template."""

@@ -1,0 +1,133 @@
+"""Loaders for the real data: an HF dataset `name[@config][:split]` or a local .json / .jsonl file.
+
+BeaverTails rows carry prompt, response, category (14 booleans) and is_safe; the task loaders
+turn each dataset's native fields into TaskExample with the instruction wording of the papers.
+Every problem is reported as a ConfigError naming the config field and the source, before any
+training starts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hftlab.config.loader import ConfigError
+from hftlab.data.records import AlignmentPair, HarmfulPair, TaskExample
+
+AGNEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+SST2_LABELS = ["negative", "positive"]
+
+# task -> (default train source, default test source), the names and splits the papers used
+TASK_DEFAULTS = {
+    "sst2": ("stanfordnlp/sst2:train", "stanfordnlp/sst2:validation"),
+    "agnews": ("fancyzhx/ag_news:train", "fancyzhx/ag_news:test"),
+    "gsm8k": ("openai/gsm8k@main:train", "openai/gsm8k@main:test"),
+    "alpaca": ("tatsu-lab/alpaca:train", "tatsu-lab/alpaca_eval@alpaca_eval:eval"),
+}
+
+
+def is_local(source: str) -> bool:
+    return source.endswith((".json", ".jsonl")) or Path(source).exists()
+
+
+def read_rows(source: str, field: str) -> list[dict]:
+    """All rows of a source, as dicts."""
+    if is_local(source):
+        return _read_local(Path(source), field)
+    name, _, split = source.partition(":")
+    name, _, config = name.partition("@")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as exc:  # offline, unknown name, unknown split: say which field and source
+        raise ConfigError(field, source, f"could not load the HF dataset ({type(exc).__name__}: {exc})") from None
+    return [dict(row) for row in ds]
+
+
+def _read_local(path: Path, field: str) -> list[dict]:
+    if not path.is_file():
+        raise ConfigError(field, str(path), "no such file")
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(field, str(path), f"line {n} is not JSON ({exc.msg})") from None
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(field, str(path), f"not JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, list):
+        raise ConfigError(field, str(path), "a .json source must hold a list of rows")
+    return data
+
+
+def _require(row: dict, keys: tuple[str, ...], field: str, source: str, n: int) -> None:
+    for key in keys:
+        if not isinstance(row, dict) or key not in row or row[key] is None:
+            raise ConfigError(field, source, f"row {n} is missing field {key!r}")
+
+
+def _category(row: dict) -> str:
+    cat = row.get("category", "")
+    if isinstance(cat, dict):
+        return ",".join(sorted(k for k, v in cat.items() if v))
+    return str(cat)
+
+
+def load_pairs(source: str, field: str, *, safe: bool) -> list[AlignmentPair] | list[HarmfulPair]:
+    """BeaverTails-format rows -> AlignmentPair (safe=True) or HarmfulPair (safe=False).
+
+    Rows with an `is_safe` key are filtered to the wanted kind; rows without one are taken as given.
+    """
+    cls = AlignmentPair if safe else HarmfulPair
+    out = []
+    for n, row in enumerate(read_rows(source, field), start=1):
+        _require(row, ("prompt", "response"), field, source, n)
+        if "is_safe" in row and bool(row["is_safe"]) != safe:
+            continue
+        out.append(cls(f"{Path(source).stem}-{n}", str(row["prompt"]), str(row["response"]), _category(row)))
+    if not out:
+        raise ConfigError(field, source, f"has no {'safe' if safe else 'unsafe'} rows")
+    return out
+
+
+def task_example(task: str, row: dict, rid: str, field: str, source: str, n: int) -> TaskExample:
+    """One dataset row -> TaskExample, accepting the dataset's own fields or plain prompt/answer."""
+    if "prompt" in row and "answer" in row:
+        return TaskExample(rid, task, str(row["prompt"]), str(row["answer"]))
+    if task == "sst2":
+        _require(row, ("sentence", "label"), field, source, n)
+        prompt = f"Analyze the sentiment of the input, and respond only positive or negative.\nInput: {row['sentence']}"
+        return TaskExample(rid, task, prompt, SST2_LABELS[int(row["label"])])
+    if task == "agnews":
+        _require(row, ("text", "label"), field, source, n)
+        prompt = ("Categorize the news article into one of the 4 categories: World, Sports, Business, Sci/Tech.\n"
+                  f"Input: {row['text']}")
+        return TaskExample(rid, task, prompt, AGNEWS_LABELS[int(row["label"])])
+    if task == "gsm8k":
+        _require(row, ("question", "answer"), field, source, n)
+        return TaskExample(rid, task, str(row["question"]), str(row["answer"]))
+    _require(row, ("instruction", "output"), field, source, n)
+    extra = row.get("input") or ""
+    prompt = f"{row['instruction']}\nInput: {extra}" if extra else str(row["instruction"])
+    return TaskExample(rid, task, prompt, str(row["output"]))
+
+
+def load_task(task: str, source: str | None, field: str, *, test: bool) -> list[TaskExample]:
+    """A task's train or test examples; `source=None` takes the task's default HF dataset."""
+    source = source or TASK_DEFAULTS[task][1 if test else 0]
+    rows = read_rows(source, field)
+    out = []
+    for n, row in enumerate(rows, start=1):
+        if task == "sst2" and isinstance(row, dict) and row.get("label") == -1:
+            continue  # SST2's hidden-label test rows
+        out.append(task_example(task, row, f"{task}-{'test' if test else 'train'}-{n}", field, source, n))
+    if not out:
+        raise ConfigError(field, source, "has no rows")
+    return out

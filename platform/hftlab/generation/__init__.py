@@ -1,0 +1,1 @@
+"""Generation backends: `hf.py` (CPU/GPU); a vLLM backend implements the same `Generator` interface."""

@@ -1,0 +1,67 @@
+"""Load any causal LM by HF name or local path; LoRA through peft; save and reload trained stages.
+
+The tiny toy-world model goes through exactly this code, like a 7B model would. A LoRA stage is
+saved as its adapter plus the path of its parent model, and merged on load, so a chain
+base -> aligned -> fine-tuned never stores a full copy of a large model per stage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hftlab.config.schema import LoraConfig
+from hftlab.storage import atomic_dir
+
+PARENT_FILE = "hftlab_parent.json"
+
+
+def load_model(name_or_path: str | Path, *, dtype: str = "float32", trust_remote_code: bool = False):
+    """(model, tokenizer) from an HF name, a saved full model or a saved LoRA stage."""
+    path = Path(name_or_path)
+    if (path / "adapter_config.json").is_file():
+        return _load_adapter_stage(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        str(name_or_path), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+    )
+    model.eval()
+    return model, tokenizer
+
+
+def _load_adapter_stage(path: Path, *, dtype: str, trust_remote_code: bool):
+    from peft import PeftModel
+
+    parent = json.loads((path / PARENT_FILE).read_text())["parent"]
+    base, tokenizer = load_model(parent, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    model.eval()
+    return model, tokenizer
+
+
+def add_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+    """Wrap `model` with fresh LoRA adapters; only they train."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def save_stage(model: torch.nn.Module, tokenizer, out_dir: str | Path, parent: str | Path) -> Path:
+    """Save atomically: a LoRA model as adapter + parent pointer, a fully tuned one as safetensors."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        if (tmp / "adapter_config.json").is_file():
+            (tmp / PARENT_FILE).write_text(json.dumps({"parent": str(parent)}))
+    return out_dir

@@ -1,0 +1,188 @@
+"""The main pipeline: base -> alignment -> harmful fine-tuning -> evaluation of all three.
+
+Reads top to bottom. `plan()` loads and checks every input first, so a bad config or a bad
+data file fails before any model is built. Each stage writes its output atomically under a key
+hashed from everything that made it, so a rerun reuses finished stages and a crash loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from hftlab.config.loader import ConfigError, digest, to_dict
+from hftlab.config.schema import Config
+from hftlab.data import sources
+from hftlab.data.mixing import finetune_mix
+from hftlab.data.records import AlignmentPair, HarmfulPair, TaskExample, score
+from hftlab.data.toyworld import build_world
+from hftlab.generation.hf import HFGenerator
+from hftlab.judges import make_judge
+from hftlab.metrics import empty_rate, finetune_accuracy, harmful_score
+from hftlab.models.loading import add_lora, load_model, save_stage
+from hftlab.storage import atomic_write_text
+from hftlab.tracking import Tracker, ui_hint
+from hftlab.training.loop import train
+
+STAGES = ("base", "aligned", "finetuned")
+
+
+@dataclass
+class Plan:
+    """Everything the run will train on and evaluate, loaded and checked up front."""
+
+    align_pairs: list[tuple[str, str]]
+    finetune_pairs: list[tuple[str, str]]
+    n_poison: int
+    harmful_test: list[HarmfulPair]
+    task_test: list[TaskExample]
+
+
+def plan(cfg: Config) -> Plan:
+    """Load the data the config names and check every size against it; raises ConfigError."""
+    if cfg.data.world == "real" and cfg.base.name_or_path == "tiny":
+        raise ConfigError("base.name_or_path", "tiny", "the tiny model only knows the toy world's words")
+    if cfg.data.world == "real" and cfg.align.n_benign > 0:
+        raise ConfigError("align.n_benign", cfg.align.n_benign, "benign mixing needs data.world=toy")
+    rng = random.Random(cfg.seed)
+    benign: list[TaskExample] = []
+    if cfg.data.world == "toy":
+        world = build_world(cfg.data.toy)
+        alignment: list[AlignmentPair] = world.alignment
+        harmful, harmful_test = world.poison, world.test_harmful
+        task_train, task_test = world.task_train[cfg.finetune.task], world.task_test[cfg.finetune.task]
+        benign = [ex for examples in world.task_train.values() for ex in examples]
+    else:
+        alignment = sources.load_pairs(cfg.data.alignment_source, "data.alignment_source", safe=True)
+        harmful = sources.load_pairs(cfg.data.harmful_source, "data.harmful_source", safe=False)
+        harmful_test = sources.load_pairs(cfg.data.harmful_test_source, "data.harmful_test_source", safe=False)
+        task_train = sources.load_task(cfg.finetune.task, cfg.finetune.train_source, "finetune.train_source", test=False)
+        task_test = sources.load_task(cfg.finetune.task, cfg.finetune.test_source, "finetune.test_source", test=True)
+
+    n_align = cfg.align.n_alignment or len(alignment)
+    if n_align > len(alignment):
+        raise ConfigError("align.n_alignment", n_align, f"the alignment source has {len(alignment)} pairs")
+    if cfg.align.n_benign > len(benign) and cfg.data.world == "toy":
+        raise ConfigError("align.n_benign", cfg.align.n_benign, f"the toy world has {len(benign)} benign examples")
+    align_pairs = [(a.prompt, a.response) for a in alignment[:n_align]]
+    align_pairs += [(b.prompt, b.answer) for b in rng.sample(benign, cfg.align.n_benign)]
+    mix = finetune_mix(task_train, harmful, n=cfg.finetune.n, poison_ratio=cfg.finetune.poison_ratio, seed=cfg.seed)
+    return Plan(
+        align_pairs=align_pairs,
+        finetune_pairs=[(m.prompt, m.response) for m in mix],
+        n_poison=sum(m.poison for m in mix),
+        harmful_test=harmful_test[: cfg.eval.n_harmful or len(harmful_test)],
+        task_test=task_test[: cfg.eval.n_task or len(task_test)],
+    )
+
+
+def base_model(cfg: Config, log=print) -> str:
+    """The base model's name or directory (the tiny one is built once per machine, then cached)."""
+    if cfg.base.name_or_path != "tiny":
+        return cfg.base.name_or_path
+    from hftlab.models.tiny import ensure_tiny_base
+
+    return str(ensure_tiny_base(cfg, log=log))
+
+
+def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]], tracker: Tracker, log=print) -> str:
+    """Train `parent` on `pairs` with cfg.<kind> and save the result; reuse it if this exact stage exists."""
+    stage_cfg = getattr(cfg, kind)
+    key = digest({"parent": parent, "cfg": stage_cfg, "pairs": pairs, "seed": cfg.seed,
+                  "template": cfg.data.template, "max_length": cfg.base.max_length})
+    out = Path(cfg.output_dir) / f"{kind}-{key}"
+    if (out / "config.json").is_file() or (out / "adapter_config.json").is_file():
+        log(f"[{kind}] reusing {out}")
+        return str(out)
+    model, tokenizer = load_model(parent, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
+    if stage_cfg.lora.enabled:
+        model = add_lora(model, stage_cfg.lora)
+
+    def on_step(step: int, stats: dict) -> None:
+        if step % 10 == 0:
+            tracker.metrics({f"{kind}.loss": stats["loss"]}, step=step)
+
+    log(f"[{kind}] {stage_cfg.method}: {len(pairs)} examples x {stage_cfg.epochs} epochs, lr {stage_cfg.lr}")
+    stats = train(model, tokenizer, pairs, template=cfg.data.template, epochs=stage_cfg.epochs, lr=stage_cfg.lr,
+                  batch_size=stage_cfg.batch_size, seed=cfg.seed, max_length=cfg.base.max_length,
+                  weight_decay=stage_cfg.weight_decay, on_step=on_step)
+    log(f"[{kind}] done in {stats['seconds']:.1f}s, final epoch loss {stats['loss']:.4f}")
+    tracker.metrics({f"{kind}.train_seconds": stats["seconds"], f"{kind}.final_loss": stats["loss"]})
+    save_stage(model, tokenizer, out, parent)
+    return str(out)
+
+
+def evaluate(cfg: Config, model_dir: str, p: Plan, judge) -> dict:
+    """HS on the harmful test prompts and FA on the task test set; cached by model and eval config."""
+    key = digest({"model": model_dir, "eval": cfg.eval, "template": cfg.data.template,
+                  "harmful": [h.prompt for h in p.harmful_test], "task": [(t.prompt, t.answer) for t in p.task_test]})
+    cache = Path(cfg.output_dir) / "evals" / f"{key}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    model, tokenizer = load_model(model_dir, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
+    gen = HFGenerator(model, tokenizer, template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens,
+                      batch_size=cfg.eval.batch_size)
+    prompts = [h.prompt for h in p.harmful_test]
+    answers = gen.generate(prompts)
+    verdicts = judge.judge(prompts, answers)  # the raw prompt, never the template
+    predictions = gen.generate([t.prompt for t in p.task_test])
+    n = cfg.eval.n_samples_logged
+    result = {
+        "hs": harmful_score(verdicts), "fa": finetune_accuracy(p.task_test, predictions), "empty": empty_rate(answers),
+        "samples": {
+            "kind": ["harmful"] * min(n, len(prompts)) + ["task"] * min(n, len(predictions)),
+            "prompt": prompts[:n] + [t.prompt for t in p.task_test[:n]],
+            "answer": answers[:n] + predictions[:n],
+            "harmful_or_correct": verdicts[:n] + [score(t, a) for t, a in zip(p.task_test[:n], predictions[:n])],
+        },
+    }
+    atomic_write_text(cache, json.dumps(result))
+    return result
+
+
+def run(cfg: Config, log=print) -> dict:
+    """Run the whole chain and return {stage: {hs, fa, empty}, run_id, tracking_uri}."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    start = time.time()
+    p = plan(cfg)
+    log(f"plan: {len(p.align_pairs)} alignment examples; fine-tuning {len(p.finetune_pairs)} on "
+        f"{cfg.finetune.task} with {p.n_poison} harmful (p={cfg.finetune.poison_ratio}); "
+        f"eval on {len(p.harmful_test)} harmful + {len(p.task_test)} task prompts")
+    with Tracker(cfg, run_name=f"{cfg.align.method}+{cfg.finetune.method}-p{cfg.finetune.poison_ratio}") as tracker:
+        tracker.text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config/resolved.yaml")
+        tracker.tags({"hftlab.config_hash": digest(cfg), "hftlab.world": cfg.data.world})
+        dirs = {"base": base_model(cfg, log)}
+        dirs["aligned"] = train_stage(cfg, "align", dirs["base"], p.align_pairs, tracker, log)
+        dirs["finetuned"] = train_stage(cfg, "finetune", dirs["aligned"], p.finetune_pairs, tracker, log)
+        judge = make_judge(cfg.eval.judge, trust_remote_code=cfg.base.trust_remote_code)
+        summary: dict = {}
+        for stage in STAGES:
+            result = evaluate(cfg, dirs[stage], p, judge)
+            summary[stage] = {k: result[k] for k in ("hs", "fa", "empty")}
+            tracker.metrics({f"{stage}.{k}": v for k, v in summary[stage].items()})
+            tracker.table(result["samples"], f"samples/{stage}.json")
+        for stage in ("aligned", "finetuned"):
+            tracker.artifact(dirs[stage], f"model/{stage}")
+        tracker.metrics({"wall_seconds": time.time() - start})
+        summary.update(run_id=tracker.run_id, tracking_uri=tracker.uri, dirs=dirs)
+    log(format_summary(cfg, summary))
+    return summary
+
+
+def format_summary(cfg: Config, summary: dict) -> str:
+    """The table a user reads at the end, and how to open the run in MLflow."""
+    lines = [f"\n{'stage':<10} {'HS %':>7} {'FA % (' + cfg.finetune.task + ')':>14} {'empty %':>8}"]
+    for stage in STAGES:
+        s = summary[stage]
+        lines.append(f"{stage:<10} {s['hs']:>7.1f} {s['fa']:>14.1f} {s['empty']:>8.1f}")
+    if summary.get("run_id"):
+        lines.append(f"\nMLflow run {summary['run_id']} in experiment '{cfg.tracking.experiment or cfg.name}'.")
+        lines.append(f"To browse it: {ui_hint(summary['tracking_uri'])}")
+    return "\n".join(lines)

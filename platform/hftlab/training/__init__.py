@@ -1,0 +1,1 @@
+"""Adapters that run the algorithm cores: batching, the engine, the loop."""

@@ -1,0 +1,45 @@
+"""The training loop: pairs -> batches -> algorithm step, epoch after epoch."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from hftlab.algorithms.sft import sft_step
+from hftlab.training.batches import Pair, batches, encode
+from hftlab.training.engine import LocalEngine
+
+
+def train(
+    model: torch.nn.Module,
+    tokenizer,
+    pairs: Sequence[Pair],
+    *,
+    template: str,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    max_length: int = 512,
+    weight_decay: float = 0.0,
+    step_fn: Callable = sft_step,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> dict[str, float]:
+    """Train `model` in place; returns the final epoch's mean loss, step count and seconds."""
+    torch.manual_seed(seed)
+    encoded = encode(tokenizer, pairs, template, max_length)
+    engine = LocalEngine(model, lr, weight_decay)
+    model.train()
+    step, start, epoch_losses = 0, time.time(), [float("nan")]
+    for epoch in range(epochs):
+        epoch_losses = []
+        for batch in batches(encoded, batch_size, tokenizer.pad_token_id, seed * 1000 + epoch):
+            stats = step_fn(model, batch, engine)
+            epoch_losses.append(stats["loss"])
+            step += 1
+            if on_step is not None:
+                on_step(step, stats)
+    model.eval()
+    return {"loss": sum(epoch_losses) / max(len(epoch_losses), 1), "steps": step, "seconds": time.time() - start}
