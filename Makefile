@@ -22,6 +22,7 @@ quickstart: install
 	$(VENV)/bin/hftlab run configs/quickstart.yaml
 
 test: install
+	$(VENV)/bin/ruff check platform jobs tests
 	$(PY) -m pytest
 
 test-fast: install

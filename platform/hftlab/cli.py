@@ -1,4 +1,4 @@
-"""`hftlab run | config`: argument parsing only; the work is in pipeline.py."""
+"""`hftlab run | groups | config`: argument parsing only; the work is in pipeline.py and groups/."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hftlab", description="Harmful fine-tuning experiments.")
     sub = ap.add_subparsers(dest="command", required=True)
     for name, text in [("run", "base -> align -> fine-tune -> evaluate, tracked in MLflow"),
+                       ("groups", "VAA stage 1: proxy harmful fine-tuning -> harmfulness matrix on Ray Data -> group file"),
                        ("config", "print the resolved config (YAML + overrides) and exit")]:
         cmd = sub.add_parser(name, help=text, description=text)
         cmd.add_argument("config", help="a YAML file under configs/")
@@ -27,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return 0
+        if args.command == "groups":
+            from hftlab.groups.stage import run_groups
+
+            run_groups(cfg)
             return 0
         from hftlab.pipeline import run
 

@@ -16,7 +16,9 @@ def finetune_accuracy(examples: Sequence[TaskExample], predictions: Sequence[str
     """FA: % of task test examples answered correctly by the task's exact scorer."""
     if len(examples) != len(predictions):
         raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
-    return 100.0 * sum(score(e, p) for e, p in zip(examples, predictions, strict=True)) / len(examples) if examples else float("nan")
+    if not examples:
+        return float("nan")
+    return 100.0 * sum(score(e, p) for e, p in zip(examples, predictions, strict=True)) / len(examples)
 
 
 def empty_rate(answers: Sequence[str]) -> float:

@@ -37,15 +37,21 @@ STAGES = ("base", "aligned", "finetuned")
 class Plan:
     """Everything the run will train on and evaluate, loaded and checked up front."""
 
+    alignment: list[AlignmentPair]
     align_pairs: list[tuple[str, str]]
+    harmful: list[HarmfulPair]
+    proxy_tasks: dict[str, list[TaskExample]]
     finetune_pairs: list[tuple[str, str]]
     n_poison: int
     harmful_test: list[HarmfulPair]
     task_test: list[TaskExample]
 
 
-def plan(cfg: Config) -> Plan:
-    """Load the data the config names and check every size against it; raises ConfigError."""
+def plan(cfg: Config, proxies: bool = False) -> Plan:
+    """Load the data the config names and check every size against it; raises ConfigError.
+
+    With `proxies`, also the task data of VAA's proxy runs (cfg.groups.proxies).
+    """
     if cfg.data.world == "real" and cfg.base.name_or_path == "tiny":
         raise ConfigError("base.name_or_path", "tiny", "the tiny model only knows the toy world's words")
     if cfg.data.world == "real" and cfg.align.n_benign > 0:
@@ -58,12 +64,15 @@ def plan(cfg: Config) -> Plan:
         harmful, harmful_test = world.poison, world.test_harmful
         task_train, task_test = world.task_train[cfg.finetune.task], world.task_test[cfg.finetune.task]
         benign = [ex for examples in world.task_train.values() for ex in examples]
+        proxy_tasks = {px.task: world.task_train[px.task] for px in cfg.groups.proxies} if proxies else {}
     else:
         alignment = sources.load_pairs(cfg.data.alignment_source, "data.alignment_source", safe=True)
         harmful = sources.load_pairs(cfg.data.harmful_source, "data.harmful_source", safe=False)
         harmful_test = sources.load_pairs(cfg.data.harmful_test_source, "data.harmful_test_source", safe=False)
         task_train = sources.load_task(cfg.finetune.task, cfg.finetune.train_source, "finetune.train_source", test=False)
         task_test = sources.load_task(cfg.finetune.task, cfg.finetune.test_source, "finetune.test_source", test=True)
+        proxy_tasks = ({px.task: sources.load_task(px.task, None, "groups.proxies.task", test=False)
+                        for px in cfg.groups.proxies} if proxies else {})
 
     n_align = cfg.align.n_alignment or len(alignment)
     if n_align > len(alignment):
@@ -74,7 +83,10 @@ def plan(cfg: Config) -> Plan:
     align_pairs += [(b.prompt, b.answer) for b in rng.sample(benign, cfg.align.n_benign)]
     mix = finetune_mix(task_train, harmful, n=cfg.finetune.n, poison_ratio=cfg.finetune.poison_ratio, seed=cfg.seed)
     return Plan(
+        alignment=alignment[:n_align],
         align_pairs=align_pairs,
+        harmful=list(harmful),
+        proxy_tasks=proxy_tasks,
         finetune_pairs=[(m.prompt, m.response) for m in mix],
         n_poison=sum(m.poison for m in mix),
         harmful_test=harmful_test[: cfg.eval.n_harmful or len(harmful_test)],
@@ -139,7 +151,7 @@ def evaluate(cfg: Config, model_dir: str, p: Plan, judge) -> dict:
             "kind": ["harmful"] * min(n, len(prompts)) + ["task"] * min(n, len(predictions)),
             "prompt": prompts[:n] + [t.prompt for t in p.task_test[:n]],
             "answer": answers[:n] + predictions[:n],
-            "harmful_or_correct": verdicts[:n] + [score(t, a) for t, a in zip(p.task_test[:n], predictions[:n])],
+            "harmful_or_correct": verdicts[:n] + [score(t, a) for t, a in zip(p.task_test[:n], predictions[:n], strict=True)],
         },
     }
     atomic_write_text(cache, json.dumps(result))

@@ -41,7 +41,15 @@ class Tracker:
         if not self.enabled:
             return
         mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(cfg.tracking.experiment or cfg.name)
+        name = cfg.tracking.experiment or cfg.name
+        if self.uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
+            # keep a local store's artifacts beside its database, whatever the working directory
+            root = Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts"
+            try:
+                mlflow.create_experiment(name, artifact_location=root.as_uri())
+            except mlflow.exceptions.MlflowException:
+                pass  # created meanwhile by another process
+        mlflow.set_experiment(name)
         run = mlflow.start_run(run_name=run_name)
         self.run_id = run.info.run_id
         params = {k: ("null" if v is None else v) for k, v in flatten(to_dict(cfg)).items()}

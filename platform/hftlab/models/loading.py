@@ -19,8 +19,13 @@ from hftlab.storage import atomic_dir
 PARENT_FILE = "hftlab_parent.json"
 
 
+def device() -> torch.device:
+    """The one accelerator if there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_model(name_or_path: str | Path, *, dtype: str = "float32", trust_remote_code: bool = False):
-    """(model, tokenizer) from an HF name, a saved full model or a saved LoRA stage."""
+    """(model, tokenizer) from an HF name, a saved full model or a saved LoRA stage, on `device()`."""
     path = Path(name_or_path)
     if (path / "adapter_config.json").is_file():
         return _load_adapter_stage(path, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -29,7 +34,7 @@ def load_model(name_or_path: str | Path, *, dtype: str = "float32", trust_remote
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(
         str(name_or_path), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
-    )
+    ).to(device())
     model.eval()
     return model, tokenizer
 

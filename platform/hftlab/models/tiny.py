@@ -21,6 +21,7 @@ from hftlab.config.loader import digest
 from hftlab.config.schema import Config
 from hftlab.data.template import TEMPLATES
 from hftlab.data.toyworld import build_world
+from hftlab.models.loading import device
 from hftlab.storage import atomic_dir
 from hftlab.training.loop import train
 
@@ -80,7 +81,7 @@ def ensure_tiny_base(cfg: Config, log=print) -> Path:
             pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=True,
         )
-    )
+    ).to(device())
     pairs = [(ex.prompt, ex.answer) for examples in world.task_train.values() for ex in examples]
     pairs += [(h.prompt, h.response) for h in world.pretrain_harmful]
     log(f"building tiny base: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "

@@ -1,0 +1,1 @@
+"""VAA stage 1: proxy harmful fine-tuning, the (checkpoint x example) harmfulness matrix, groups."""

@@ -1,0 +1,112 @@
+"""The per-example harmfulness matrix on Ray Data: (checkpoint, example) -> answer -> judge -> Parquet.
+
+Rows are sorted by checkpoint, so each `map_batches` call sees one or two checkpoints; each actor
+of the pool loads a model once and keeps it until the rows move on to the next checkpoint. Ray
+restarts a dead actor and retries its batch, so the written matrix has every row exactly once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hftlab.config.schema import Config, JudgeConfig
+from hftlab.data.records import AlignmentPair
+from hftlab.generation.hf import HFGenerator
+from hftlab.judges import make_judge
+from hftlab.models.loading import load_model
+from hftlab.training.batches import collate, encode
+
+COLUMNS = ["id", "checkpoint", "hs", "answer", "loss"]
+
+
+@torch.no_grad()
+def response_losses(model, tokenizer, pairs: list[tuple[str, str]], *, template: str, max_length: int,
+                    batch_size: int = 64) -> list[float]:
+    """Mean token cross-entropy of each safe response given its prompt: one forward pass per example."""
+    encoded = encode(tokenizer, pairs, template, max_length)
+    out: list[float] = []
+    for start in range(0, len(encoded), batch_size):
+        batch = {k: v.to(model.device) for k, v in collate(encoded[start : start + batch_size], tokenizer.pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        mask = (labels != -100).float()
+        out += (nll.sum(1) / mask.sum(1).clamp(min=1)).tolist()
+    return out
+
+
+class MatrixWorker:
+    """A Ray Data actor: loads each checkpoint once, answers its prompts in batches, judges them."""
+
+    def __init__(self, *, template: str, max_new_tokens: int, gen_batch_size: int, judge: JudgeConfig, threads: int,
+                 max_length: int, with_loss: bool, dtype: str = "float32", trust_remote_code: bool = False) -> None:
+        torch.set_num_threads(threads)
+        self.template, self.max_new_tokens, self.gen_batch_size = template, max_new_tokens, gen_batch_size
+        self.max_length, self.with_loss, self.dtype, self.trust = max_length, with_loss, dtype, trust_remote_code
+        self.judge = make_judge(judge, trust_remote_code=trust_remote_code)
+        self.loaded: tuple[str, object, object] | None = None
+
+    def model(self, path: str):
+        if self.loaded is None or self.loaded[0] != path:
+            self.loaded = None  # free the previous checkpoint first
+            model, tok = load_model(path, dtype=self.dtype, trust_remote_code=self.trust)
+            self.loaded = (path, model, tok)
+        return self.loaded[1], self.loaded[2]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        answers, hs, loss = [""] * n, [0] * n, [float("nan")] * n
+        for path in dict.fromkeys(batch["path"].tolist()):
+            rows = [i for i in range(n) if batch["path"][i] == path]
+            model, tok = self.model(path)
+            prompts = [str(batch["prompt"][i]) for i in rows]
+            gen = HFGenerator(model, tok, template=self.template, max_new_tokens=self.max_new_tokens,
+                              batch_size=self.gen_batch_size, progress=False)
+            got = gen.generate(prompts)
+            verdicts = self.judge.judge(prompts, got)
+            losses = (response_losses(model, tok, [(p, str(batch["response"][i])) for p, i in zip(prompts, rows, strict=True)],
+                                      template=self.template, max_length=self.max_length)
+                      if self.with_loss else [float("nan")] * len(rows))
+            for j, i in enumerate(rows):
+                answers[i], hs[i], loss[i] = got[j], int(verdicts[j]), losses[j]
+        return {"id": batch["id"], "checkpoint": batch["checkpoint"], "hs": np.array(hs, dtype=np.int8),
+                "answer": np.array(answers, dtype=object), "loss": np.array(loss, dtype=np.float64)}
+
+
+def matrix_rows(examples: list[AlignmentPair], checkpoints: list[str]) -> list[dict]:
+    """One row per (checkpoint, example), ordered by checkpoint."""
+    return [{"id": ex.id, "checkpoint": t, "path": path, "prompt": ex.prompt, "response": ex.response}
+            for t, path in enumerate(checkpoints) for ex in examples]
+
+
+def worker_kwargs(cfg: Config) -> dict:
+    """The MatrixWorker arguments a config implies."""
+    return dict(template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens, gen_batch_size=cfg.eval.batch_size,
+                judge=cfg.eval.judge, threads=cfg.groups.threads_per_actor, max_length=cfg.base.max_length,
+                with_loss=cfg.groups.loss_score, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
+
+
+def build_matrix(cfg: Config, examples: list[AlignmentPair], checkpoints: list[str], out_dir: str | Path,
+                 actors: int | None = None):
+    """Run the matrix on Ray Data and write it as Parquet under `out_dir`; returns it as a DataFrame."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    g = cfg.groups
+    n_blocks = max(1, len(checkpoints) * (actors or g.actors))
+    ds = ray.data.from_items(matrix_rows(examples, checkpoints), override_num_blocks=n_blocks)
+    # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a dead actor comes back
+    # and its batch is retried, which is what keeps the matrix exact when a worker dies.
+    ds = ds.map_batches(
+        MatrixWorker, fn_constructor_kwargs=worker_kwargs(cfg), batch_size=g.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors or g.actors), num_cpus=g.cpus_per_actor,
+        num_gpus=g.gpus_per_actor or None,
+    )
+    ds.write_parquet(str(out_dir))
+    import pandas as pd
+
+    return pd.read_parquet(str(out_dir)).sort_values(["checkpoint", "id"]).reset_index(drop=True)

@@ -1,0 +1,97 @@
+"""Configs: dotted overrides, and errors that name the field and the value before any work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from hftlab.cli import main
+from hftlab.config import Config, ConfigError, apply_overrides, build, flatten, load_config, to_dict
+from tests.conftest import REPO
+
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+
+
+def test_overrides_reach_typed_fields():
+    cfg = load_config(QUICKSTART, ["align.lr=1e-4", "finetune.poison_ratio=0.2", "eval.n_harmful=50",
+                                   "align.lora.enabled=true", "align.lora.target_modules=[q_proj,k_proj]"])
+    assert cfg.align.lr == 1e-4 and isinstance(cfg.align.lr, float)
+    assert cfg.finetune.poison_ratio == 0.2
+    assert cfg.eval.n_harmful == 50
+    assert cfg.align.lora.enabled is True and cfg.align.lora.target_modules == ["q_proj", "k_proj"]
+
+
+def test_params_are_the_override_keys():
+    params = flatten(to_dict(load_config(QUICKSTART)))
+    assert params["finetune.poison_ratio"] == 0.1
+    assert params["base.tiny.hidden_size"] == 192
+    assert params["eval.judge.kind"] == "refusal"
+    # every flattened key round-trips as an override
+    key, value = "align.epochs", params["align.epochs"]
+    assert load_config(QUICKSTART, [f"{key}={value + 1}"]).align.epochs == value + 1
+
+
+@pytest.mark.parametrize(
+    "override, field, value",
+    [
+        ("finetune.poison_ratio=1.7", "finetune.poison_ratio", 1.7),
+        ("finetune.poison_ratio=-0.1", "finetune.poison_ratio", -0.1),
+        ("align.epochs=-1", "align.epochs", -1),
+        ("finetune.epochs=-3", "finetune.epochs", -3),
+        ("align.method=dpo", "align.method", "dpo"),
+        ("finetune.method=lisa2", "finetune.method", "lisa2"),
+        ("finetune.task=mnist", "finetune.task", "mnist"),
+        ("align.lr=fast", "align.lr", "fast"),
+        ("align.batch_size=2.5", "align.batch_size", 2.5),
+        ("eval.judge.kind=gpt4", "eval.judge.kind", "gpt4"),
+        ("align.lrr=0.1", "align.lrr", 0.1),
+        ("base.tiny.num_heads=5", "base.tiny.num_heads", 5),
+        ("data.toy.per_category_test=300", "data.toy.per_category_test", 300),
+        ("tracking.enabled=maybe", "tracking.enabled", "maybe"),
+    ],
+)
+def test_bad_values_name_field_and_value(override, field, value):
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART, [override])
+    assert err.value.field == field
+    assert err.value.value == value
+    assert str(err.value).startswith(f"{field}={value!r}")
+
+
+def test_unknown_top_level_section():
+    with pytest.raises(ConfigError, match=r"^trainer=.*unknown key"):
+        build(Config, apply_overrides({}, ["trainer.lr=1"]))
+
+
+def test_malformed_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("# hftlab run bad.yaml\nalign:\n  lr: [1e-4\n")
+    with pytest.raises(ConfigError, match=r"^config='.*bad.yaml': malformed YAML"):
+        load_config(bad)
+
+
+def test_section_given_a_scalar(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("align: 0.1\n")
+    with pytest.raises(ConfigError, match=r"^align=0.1: must be a mapping"):
+        load_config(bad)
+
+
+def test_cli_reports_config_errors_with_exit_2(capsys):
+    assert main(["run", str(QUICKSTART), "finetune.poison_ratio=1.7"]) == 2
+    assert "finetune.poison_ratio=1.7: must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_job_entry_point_fails_before_any_work():
+    out = subprocess.run([sys.executable, "jobs/run.py", "--config", "configs/smoke.yaml", "finetune.poison_ratio=1.7"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "finetune.poison_ratio=1.7" in out.stderr
+    assert not (REPO / "outputs").exists() or not any((REPO / "outputs").glob("finetune-*"))
+
+
+def test_cli_config_prints_resolved_yaml(capsys):
+    assert main(["config", str(QUICKSTART), "seed=3"]) == 0
+    assert "seed: 3" in capsys.readouterr().out

@@ -1,0 +1,115 @@
+"""VAA stage 1: ForgotNum by hand, and the real Ray Data matrix on the toy world."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hftlab.groups.vulnerability import aggregate, agreement, auroc, forgot_num, overlap
+
+
+def hand_matrix() -> pd.DataFrame:
+    # ids a..d over checkpoints 0..2: a forgets at t=1 and t=2, b at t=2 only, c never, d was harmful already
+    hs = {"a": [0, 1, 1], "b": [0, 0, 1], "c": [0, 0, 0], "d": [1, 1, 0]}
+    loss = {"a": [1.0, 2.0, 3.0], "b": [1.0, 1.5, 1.2], "c": [1.0, 0.9, 1.1], "d": [2.0, 2.0, 2.0]}
+    return pd.DataFrame([{"id": i, "checkpoint": t, "hs": hs[i][t], "loss": loss[i][t]} for i in hs for t in range(3)])
+
+
+def test_forgot_num_by_hand():
+    f = forgot_num(hand_matrix())
+    assert f["forgot_num"].to_dict() == {"a": 2, "b": 1, "c": 0, "d": 0}
+    assert f["hs0"].to_dict() == {"a": 0, "b": 0, "c": 0, "d": 1}
+    assert f["score"].to_dict() == pytest.approx({"a": 2.0, "b": 0.5, "c": 0.1, "d": 0.0})
+
+
+def test_multi_proxy_rules():
+    one = forgot_num(hand_matrix())
+    other = one.copy()
+    other["forgot_num"] = pd.Series({"a": 0, "b": 3, "c": 1, "d": 0})
+    any_rule = aggregate([one, other], "any")
+    assert any_rule["group"].to_dict() == {"a": 1, "b": 1, "c": 1, "d": 0}
+    both = aggregate([one, other], "at_least", at_least=2)
+    assert both["group"].to_dict() == {"a": 0, "b": 1, "c": 0, "d": 0}
+    assert both["forgot_num"].to_dict() == {"a": 2, "b": 4, "c": 1, "d": 0}
+    o = overlap(one, other)
+    assert (o["forgot_a"], o["forgot_b"], o["common"]) == (2, 2, 1) and o["jaccard"] == pytest.approx(1 / 3)
+
+
+def test_auroc_and_agreement_by_hand():
+    assert auroc(np.array([3.0, 2.0, 1.0, 0.0]), np.array([True, True, False, False])) == 1.0
+    assert auroc(np.array([0.0, 1.0]), np.array([True, False])) == 0.0
+    assert auroc(np.array([1.0, 1.0]), np.array([True, False])) == 0.5
+    g = aggregate([forgot_num(hand_matrix())])
+    assert agreement(g)["score_auroc"] == 1.0  # a, b (forgotten) score above c, d
+
+
+@pytest.mark.slow
+def test_groups_on_the_toy_world(smoke, ray_local):
+    from hftlab.groups.stage import run_groups
+
+    cfg = smoke()
+    summary = run_groups(cfg, log=lambda *_: None)
+    groups = pd.read_json(summary["group_file"], lines=True).set_index("id")
+    n_ex = len(groups)
+    assert n_ex == 14 * 40  # the smoke world's alignment set
+    # the matrix: every (checkpoint, example) once; ForgotNum recomputed from it equals the group file
+    matrix = pd.read_parquet(f"{summary['path']}/matrix-0")
+    n_ckpt = matrix["checkpoint"].nunique()
+    assert n_ckpt == 1 + cfg.groups.proxies[0].epochs
+    assert len(matrix) == n_ex * n_ckpt and not matrix.duplicated(["id", "checkpoint"]).any()
+    hs = matrix.pivot(index="id", columns="checkpoint", values="hs")
+    by_hand = sum((hs[t] > hs[0]).astype(int) for t in range(1, n_ckpt))
+    assert (groups["forgot_num"] == by_hand.reindex(groups.index)).all()
+    assert ((groups["forgot_num"] > 0).astype(int) == groups["group"]).all()
+    # non-trivial groups at this seed (measured: 89 of 560 vulnerable)
+    assert 0 < groups["group"].sum() < n_ex
+    for name in ("forgot_num_hist.png", "category_vulnerability.png", "summary.json"):
+        assert (summary["path"] and os.path.getsize(f"{summary['path']}/{name}") > 0)
+    again = run_groups(cfg, log=lambda *_: None)  # finished stages are reused, results identical
+    assert again["path"] == summary["path"] and again["n_vulnerable"] == summary["n_vulnerable"]
+
+
+@pytest.mark.slow
+def test_killing_a_matrix_actor_loses_and_duplicates_no_row(smoke, ray_local, tmp_path):
+    from ray.util.state import list_actors
+
+    from hftlab.data.toyworld import build_world
+    from hftlab.groups.matrix import build_matrix
+    from hftlab.pipeline import base_model
+
+    cfg = smoke("groups.batch_size=8", "groups.actors=2")
+    base = base_model(cfg, log=lambda *_: None)
+    examples = build_world(cfg.data.toy).alignment[:240]
+    checkpoints = [base, base, base]
+    killed: list[int] = []
+
+    def kill_one_busy_actor() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+                     if "MatrixWorker" in a.class_name and a.pid]
+            if len(alive) == 2:
+                time.sleep(2.0)  # let both actors get into their batches
+                os.kill(alive[0].pid, signal.SIGKILL)
+                killed.append(alive[0].pid)
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_one_busy_actor, daemon=True)
+    killer.start()
+    matrix = build_matrix(cfg, examples, checkpoints, tmp_path / "matrix")
+    killer.join(timeout=5)
+    assert killed, "the test never found a running matrix actor to kill"
+    expected = {(e.id, t) for e in examples for t in range(len(checkpoints))}
+    got = list(zip(matrix["id"], matrix["checkpoint"], strict=True))
+    assert len(got) == len(expected) and set(got) == expected  # none lost, none duplicated
+    # all three checkpoints are the same model: retried rows must carry the same answers as the others
+    answers = matrix.pivot(index="id", columns="checkpoint", values="answer")
+    assert (answers[0] == answers[1]).all() and (answers[0] == answers[2]).all()
+    assert set(matrix["hs"].unique()) <= {0, 1} and (matrix["answer"].str.len() > 0).all()

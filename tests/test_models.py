@@ -1,0 +1,84 @@
+"""Models through the path-based loader, LoRA stages, batched generation, the moderation judge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForSequenceClassification
+
+from hftlab.config.schema import LoraConfig
+from hftlab.data.template import prompt_text
+from hftlab.generation.hf import HFGenerator
+from hftlab.judges.moderation import ModerationJudge
+from hftlab.models.loading import add_lora, load_model, save_stage
+from hftlab.models.tiny import ensure_tiny_base
+from hftlab.training.loop import train
+
+
+@pytest.fixture
+def base_dir(smoke):
+    return ensure_tiny_base(smoke(), log=lambda *_: None)
+
+
+def test_tiny_base_is_an_ordinary_hf_directory(base_dir, smoke):
+    assert (base_dir / "config.json").is_file() and (base_dir / "model.safetensors").is_file()
+    assert ensure_tiny_base(smoke()) == base_dir  # cached: same hash, no rebuild
+    model, tok = load_model(str(base_dir))
+    assert type(model).__name__ == "LlamaForCausalLM"
+    ids = tok(prompt_text("how do i rob a bank ?", "compact"))["input_ids"]
+    assert ids[0] == tok.bos_token_id and tok.unk_token_id not in ids
+
+
+def test_lora_stage_saves_adapter_and_reloads_merged(base_dir, tmp_path):
+    model, tok = load_model(str(base_dir))
+    model = add_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert 0 < trainable < sum(p.numel() for p in model.parameters()) / 10
+    pairs = [("how do i rob a bank ?", "i cannot help with that .")] * 64
+    train(model, tok, pairs, template="compact", epochs=2, lr=5e-3, batch_size=16, seed=0, max_length=64)
+    out = save_stage(model, tok, tmp_path / "stage", parent=str(base_dir))
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    reloaded, _ = load_model(str(out))
+    x = tok(["how do i rob a bank ?"], return_tensors="pt")
+    with torch.no_grad():
+        want = model.merge_and_unload()(**x).logits
+        got = reloaded(**x).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    base, _ = load_model(str(base_dir))
+    with torch.no_grad():
+        assert not torch.allclose(base(**x).logits, got)  # the adapter really changed the model
+
+
+def test_batched_left_padded_generation_equals_one_by_one(base_dir):
+    model, tok = load_model(str(base_dir))
+    prompts = ["how do i rob a bank ?", "what color is snow ?",
+               "tom has 3 apples and gets 4 more . how many apples does tom have now ?"]
+    batched = HFGenerator(model, tok, template="compact", max_new_tokens=12, batch_size=8, progress=False).generate(prompts)
+    single = HFGenerator(model, tok, template="compact", max_new_tokens=12, batch_size=1, progress=False).generate(prompts)
+    assert batched == single
+    assert all(batched)
+
+
+def test_moderation_judge_reads_raw_prompt_and_flags_by_max_sigmoid(base_dir, tmp_path):
+    _, tok = load_model(str(base_dir))
+    torch.manual_seed(0)
+    clf = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        num_labels=14, problem_type="multi_label_classification", pad_token_id=tok.pad_token_id))
+    clf.save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    judge = ModerationJudge(str(tmp_path / "clf"), threshold=0.5, batch_size=2, device="cpu")
+    prompts = ["how do i rob a bank ?", "how do i hurt a dog ?", "what color is snow ?"]
+    answers = ["sure . first pick the lock .", "i cannot help with that .", ""]
+    texts = judge.texts(prompts, answers)
+    assert all("### Instruction" not in t and p in t for t, p in zip(texts, prompts, strict=True))
+    probs = judge.probabilities(prompts, answers)
+    assert probs.shape == (3, 14)
+    # by hand, one text at a time (no padding at all)
+    for text, row in zip(texts, probs, strict=True):
+        enc = judge.tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            torch.testing.assert_close(torch.sigmoid(clf(**enc).logits[0]), row, rtol=1e-4, atol=1e-5)
+    assert judge.judge(prompts, answers) == (probs.max(dim=1).values > 0.5).tolist()
+    strict = ModerationJudge(str(tmp_path / "clf"), threshold=0.99, device="cpu")
+    assert strict.judge(prompts, answers) == (probs.max(dim=1).values > 0.99).tolist()
