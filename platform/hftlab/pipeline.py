@@ -103,10 +103,35 @@ def base_model(cfg: Config, log=print) -> str:
     return str(ensure_tiny_base(cfg, log=log))
 
 
-def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]], tracker: Tracker, log=print) -> str:
+def vaa_groups(cfg: Config, p: Plan, log=print) -> list[int | None]:
+    """VAA's group per alignment pair (after the configured ablation); runs `hftlab groups` if no file is given."""
+    from dataclasses import replace
+
+    from hftlab.groups.vulnerability import assign
+
+    path = cfg.align.vaa.group_file
+    if path is None:
+        from hftlab.groups.stage import run_groups
+
+        # stage 1's proxy starts from the SFT-aligned model; its MLflow run would nest, so it logs nothing itself
+        sft = replace(cfg, align=replace(cfg.align, method="sft"), tracking=replace(cfg.tracking, enabled=False))
+        path = run_groups(sft, log)["group_file"]
+    if not Path(path).is_file():
+        raise ConfigError("align.vaa.group_file", path, "no such file")
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    group = {r["id"]: int(r["group"]) for r in rows}
+    missing = [a.id for a in p.alignment if a.id not in group]
+    if missing:
+        raise ConfigError("align.vaa.group_file", path, f"has no group for {len(missing)} alignment examples, e.g. {missing[0]}")
+    labels = assign([group[a.id] for a in p.alignment], cfg.align.vaa.grouping, cfg.align.vaa.noise, cfg.seed)
+    return labels + [0] * (len(p.align_pairs) - len(p.alignment))  # the benign mix joins the invulnerable group
+
+
+def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]], tracker: Tracker, log=print,
+                groups: list[int | None] | None = None) -> str:
     """Train `parent` on `pairs` with cfg.<kind> and save the result; reuse it if this exact stage exists."""
     stage_cfg = getattr(cfg, kind)
-    key = digest({"parent": parent, "cfg": stage_cfg, "pairs": pairs, "seed": cfg.seed,
+    key = digest({"parent": parent, "cfg": stage_cfg, "pairs": pairs, "seed": cfg.seed, "groups": groups,
                   "template": cfg.data.template, "max_length": cfg.base.max_length})
     out = Path(cfg.output_dir) / f"{kind}-{key}"
     if (out / "config.json").is_file() or (out / "adapter_config.json").is_file():
@@ -117,15 +142,21 @@ def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]
         model = add_lora(model, stage_cfg.lora)
 
     def on_step(step: int, stats: dict) -> None:
-        if step % 10 == 0:
-            tracker.metrics({f"{kind}.loss": stats["loss"]}, step=step)
+        if step % 10 == 0:  # loss, and for VAA the group, q, lambda and the perturbed loss
+            tracker.metrics({f"{kind}.{k}": v for k, v in stats.items() if v == v}, step=step)
 
     log(f"[{kind}] {stage_cfg.method}: {len(pairs)} examples x {stage_cfg.epochs} epochs, lr {stage_cfg.lr}")
-    stats = train(model, tokenizer, pairs, template=cfg.data.template, epochs=stage_cfg.epochs, lr=stage_cfg.lr,
-                  batch_size=stage_cfg.batch_size, seed=cfg.seed, max_length=cfg.base.max_length,
-                  weight_decay=stage_cfg.weight_decay, on_step=on_step)
+    common = dict(template=cfg.data.template, epochs=stage_cfg.epochs, lr=stage_cfg.lr, batch_size=stage_cfg.batch_size,
+                  seed=cfg.seed, max_length=cfg.base.max_length, weight_decay=stage_cfg.weight_decay, on_step=on_step)
+    if stage_cfg.method == "vaa":
+        from hftlab.training.grouped import train_vaa
+
+        stats = train_vaa(model, tokenizer, pairs, groups, stage_cfg.vaa, **common)
+    else:
+        stats = train(model, tokenizer, pairs, **common)
     log(f"[{kind}] done in {stats['seconds']:.1f}s, final epoch loss {stats['loss']:.4f}")
-    tracker.metrics({f"{kind}.train_seconds": stats["seconds"], f"{kind}.final_loss": stats["loss"]})
+    tracker.metrics({f"{kind}.train_seconds": stats["seconds"], f"{kind}.final_loss": stats["loss"],
+                     **{f"{kind}.{k}": v for k, v in stats.items() if k.startswith("final_q")}})
     save_stage(model, tokenizer, out, parent)
     return str(out)
 
@@ -170,8 +201,9 @@ def run(cfg: Config, log=print) -> dict:
     with Tracker(cfg, run_name=f"{cfg.align.method}+{cfg.finetune.method}-p{cfg.finetune.poison_ratio}") as tracker:
         tracker.text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config/resolved.yaml")
         tracker.tags({"hftlab.config_hash": digest(cfg), "hftlab.world": cfg.data.world})
+        groups = vaa_groups(cfg, p, log) if cfg.align.method == "vaa" else None
         dirs = {"base": base_model(cfg, log)}
-        dirs["aligned"] = train_stage(cfg, "align", dirs["base"], p.align_pairs, tracker, log)
+        dirs["aligned"] = train_stage(cfg, "align", dirs["base"], p.align_pairs, tracker, log, groups=groups)
         dirs["finetuned"] = train_stage(cfg, "finetune", dirs["aligned"], p.finetune_pairs, tracker, log)
         judge = make_judge(cfg.eval.judge, trust_remote_code=cfg.base.trust_remote_code)
         summary: dict = {}

@@ -12,7 +12,8 @@ from typing import Literal
 from hftlab.config.loader import check
 
 TASKS = ("sst2", "agnews", "gsm8k", "alpaca")
-ALIGN_METHODS = ("sft",)
+ALIGN_METHODS = ("sft", "vaa")
+GROUPINGS = ("true", "one", "noisy", "vulnerable_only", "invulnerable_only", "random")
 FINETUNE_METHODS = ("sft",)
 
 
@@ -126,6 +127,46 @@ class LoraConfig:
         check(len(self.target_modules) > 0, "target_modules", self.target_modules, "must not be empty")
 
 
+@dataclass
+class VAAConfig:
+    """VAA stage 2: Group DRO over the vulnerability groups with a group-specific SAM perturbation."""
+
+    group_file: str | None = None
+    """groups.jsonl from `hftlab groups` (null: run the groups stage first with the `groups` section)."""
+    rho: float = 0.4
+    """Perturbation radius: eps = rho * g / ||g|| (official code: 0.4; 0 = grouping only)."""
+    eta_q: float = 0.007
+    """Step size of the sampler's mirror ascent q_i <- q_i exp(eta_q f_i) / Z (official code: 0.007)."""
+    sampler: Literal["dro", "importance", "uniform"] = "dro"
+    """dro: adversarial sampler; importance: sample by group size, q fixed (ablation); uniform: q fixed at 1/G."""
+    importance_weighted: bool = True
+    """Update q with f_i / q_i (unbiased for a sampled group), as the official code does."""
+    q_min: float = 0.1
+    """Lower clip of q."""
+    q_max: float = 0.9
+    """Upper clip of q."""
+    objective: Literal["stochastic", "weighted"] = "stochastic"
+    """stochastic: plain step with prob 1 - lambda_t, else the perturbed step only (official, 1.5x SFT);
+    weighted: (1 - lambda) l(theta) + lambda l(theta + eps) (the paper's formula, 2x SFT)."""
+    curriculum: Literal["linear", "constant"] = "linear"
+    """lambda_t rising linearly 0 -> lam over training, or constant lam."""
+    lam: float = 1.0
+    """Final (or constant) lambda."""
+    grouping: str = "true"
+    """Ablations: true groups; one (no groups); noisy (a share of labels flipped); vulnerable_only;
+    invulnerable_only; random (random groups of the vulnerable group's size)."""
+    noise: float = 0.2
+    """For grouping=noisy: the share of group labels flipped."""
+
+    def __post_init__(self) -> None:
+        check(self.rho >= 0, "rho", self.rho, "must be >= 0")
+        check(self.eta_q >= 0, "eta_q", self.eta_q, "must be >= 0")
+        check(0.0 <= self.q_min <= self.q_max <= 1.0, "q_min", self.q_min, f"must satisfy 0 <= q_min <= q_max={self.q_max} <= 1")
+        check(0.0 <= self.lam <= 1.0, "lam", self.lam, "must be in [0, 1]")
+        check(self.grouping in GROUPINGS, "grouping", self.grouping, f"must be one of {list(GROUPINGS)}")
+        check(0.0 <= self.noise <= 1.0, "noise", self.noise, "must be in [0, 1]")
+
+
 def _check_training(cfg: AlignConfig | FinetuneConfig) -> None:
     check(cfg.epochs >= 0, "epochs", cfg.epochs, "must be >= 0")
     check(cfg.lr > 0, "lr", cfg.lr, "must be > 0")
@@ -151,6 +192,8 @@ class AlignConfig:
     """Benign toy-task examples mixed into alignment so the tiny model keeps its skills (toy world only)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA for the alignment stage."""
+    vaa: VAAConfig = field(default_factory=VAAConfig)
+    """VAA settings (used when method=vaa)."""
 
     def __post_init__(self) -> None:
         check(self.method in ALIGN_METHODS, "method", self.method, f"must be one of {list(ALIGN_METHODS)}")
