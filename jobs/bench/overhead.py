@@ -4,7 +4,8 @@
 
 Same model (the config's base), same batches (the config's alignment pairs, batch size
 align.batch_size), same engine; the methods' steps are interleaved round by round so that machine
-noise hits all of them alike, and each ratio is a ratio of median step times. VAA runs over a full
+noise hits all of them alike. Ratios are of median step times, except the stochastic VAA form's,
+which mixes 1- and 2-backward steps and is compared by total time. VAA runs over a full
 linear 0 -> 1 curriculum of `--steps` steps, so its stochastic form averages 1.5 backward passes.
 Methods not implemented yet (Vaccine, Booster, RepNoise) are not reported.
 """
@@ -78,11 +79,11 @@ def main() -> None:
     print(json.dumps({
         "bench": "overhead", "config": args.config, "steps": args.steps, "batch_size": bs,
         "threads": torch.get_num_threads(), "sft_step_ms": round(1000 * median["sft"], 2),
-        "vaa_stochastic_vs_sft": round(median["vaa_stochastic"] / median["sft"], 3),
-        "vaa_weighted_vs_sft": round(median["vaa_weighted"] / median["sft"], 3),
+        # the stochastic form mixes 1- and 2-backward steps: its median says nothing, its total time does
+        "vaa_stochastic_vs_sft": round(sum(contenders["vaa_stochastic"][3]) / sum(contenders["sft"][3]), 3),
         "vaa_stochastic_mean_backward": round(statistics.mean(contenders["vaa_stochastic"][4]), 3),
-        "vaa_stochastic_total_time_vs_sft": round(sum(contenders["vaa_stochastic"][3]) / sum(contenders["sft"][3]), 3),
-        "targets": {"vaa_stochastic_total_time_vs_sft": "<= 1.5 (paper: VAA 1.5x)"},
+        "vaa_weighted_vs_sft": round(median["vaa_weighted"] / median["sft"], 3),
+        "targets": {"vaa_stochastic_vs_sft": "<= 1.5 (paper: VAA 1.5x)"},
     }))
 
 
