@@ -50,6 +50,7 @@ def test_params_are_the_override_keys():
         ("base.tiny.num_heads=5", "base.tiny.num_heads", 5),
         ("data.toy.per_category_test=300", "data.toy.per_category_test", 300),
         ("tracking.enabled=maybe", "tracking.enabled", "maybe"),
+        ("align.workers=0", "align.workers", 0),
     ],
 )
 def test_bad_values_name_field_and_value(override, field, value):

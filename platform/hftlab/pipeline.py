@@ -26,7 +26,7 @@ from hftlab.generation.hf import HFGenerator
 from hftlab.judges import make_judge
 from hftlab.metrics import empty_rate, finetune_accuracy, harmful_score
 from hftlab.models.loading import add_lora, load_model, save_stage
-from hftlab.storage import atomic_write_text
+from hftlab.storage import atomic_dir, atomic_write_text
 from hftlab.tracking import Tracker, ui_hint
 from hftlab.training.loop import train
 
@@ -136,6 +136,16 @@ def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]
     out = Path(cfg.output_dir) / f"{kind}-{key}"
     if (out / "config.json").is_file() or (out / "adapter_config.json").is_file():
         log(f"[{kind}] reusing {out}")
+        return str(out)
+    if stage_cfg.workers > 1:
+        from hftlab.training.trainer import train_distributed
+
+        log(f"[{kind}] {stage_cfg.method} on Ray Train, {stage_cfg.workers} workers: {len(pairs)} examples")
+        with atomic_dir(out) as tmp:
+            metrics = train_distributed(stage_cfg, parent, pairs, tmp, workers=stage_cfg.workers, seed=cfg.seed,
+                                        template=cfg.data.template, max_length=cfg.base.max_length,
+                                        storage_path=str(Path(cfg.output_dir) / "ray"), groups=groups)
+        tracker.metrics({f"{kind}.final_loss": metrics.get("last_loss", float("nan"))})
         return str(out)
     model, tokenizer = load_model(parent, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
     if stage_cfg.lora.enabled:

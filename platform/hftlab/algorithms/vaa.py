@@ -76,6 +76,7 @@ class VAAStep:
         grad_norm_fn: GradNormFn | None = None,
         loss_fn: LossFn = causal_lm_loss,
         update_on_perturbed: bool = False,
+        reduce_fn: Callable[[float], float] | None = None,
     ) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -92,6 +93,7 @@ class VAAStep:
         self.grad_norm_fn = grad_norm_fn
         self.loss_fn = loss_fn
         self.update_on_perturbed = update_on_perturbed
+        self.reduce_fn = reduce_fn  # distributed: the mean loss over ranks, so every rank's q moves alike
         self.steps_done = 0
 
     def current_lambda(self) -> float:
@@ -124,6 +126,9 @@ class VAAStep:
         engine.step()
 
         loss_value = loss.item()
+        if self.reduce_fn is not None:
+            loss_value = self.reduce_fn(loss_value)
+            perturbed_loss = self.reduce_fn(perturbed_loss) if perturb else perturbed_loss
         self.sampler.update(group, perturbed_loss if (perturb and self.update_on_perturbed) else loss_value)
         self.steps_done += 1
         stats: dict[str, float] = {

@@ -168,6 +168,9 @@ class VAAConfig:
 
 
 def _check_training(cfg: AlignConfig | FinetuneConfig) -> None:
+    check(cfg.workers >= 1, "workers", cfg.workers, "must be >= 1")
+    check(not (cfg.workers > 1 and cfg.lora.enabled), "workers", cfg.workers,
+          "the Ray Train path trains full weights for now; use workers=1 with lora.enabled")
     check(cfg.epochs >= 0, "epochs", cfg.epochs, "must be >= 0")
     check(cfg.lr > 0, "lr", cfg.lr, "must be > 0")
     check(cfg.batch_size > 0, "batch_size", cfg.batch_size, "must be > 0")
@@ -186,6 +189,8 @@ class AlignConfig:
     """Examples per optimizer step."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    workers: int = 1
+    """1: train in this process; N > 1: a Ray Train TorchTrainer with N DDP workers (same result, see trainer.py)."""
     n_alignment: int | None = None
     """Alignment pairs used (null: all of the source)."""
     n_benign: int = 0
@@ -220,6 +225,8 @@ class FinetuneConfig:
     """Examples per optimizer step."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    workers: int = 1
+    """1: train in this process; N > 1: a Ray Train TorchTrainer with N DDP workers."""
     train_source: str | None = None
     """Task training data: HF `name[:split]` or a local path (null: the task's default)."""
     test_source: str | None = None

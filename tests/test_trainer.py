@@ -1,0 +1,48 @@
+"""Ray Train with 2 CPU workers (DDP over gloo) gives the same weights as 1 worker, for SFT and VAA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hftlab.data.toyworld import build_world
+from hftlab.pipeline import base_model
+from hftlab.training.trainer import train_distributed
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sft", "vaa"])
+def test_two_workers_match_one_worker(smoke, ray_local, tmp_path, method):
+    cfg = smoke(f"align.method={method}", "align.epochs=1", "align.batch_size=16", "align.lr=1e-3", "align.vaa.rho=0.3",
+                "align.vaa.eta_q=0.5")
+    base = base_model(cfg, log=lambda *_: None)
+    world = build_world(cfg.data.toy)
+    pairs = [(a.prompt, a.response) for a in world.alignment[:96]]
+    groups = [i % 3 == 0 for i in range(len(pairs))] if method == "vaa" else None
+    groups = [int(g) for g in groups] if groups else None
+    out = {}
+    for workers in (1, 2):
+        out[workers] = tmp_path / f"w{workers}"
+        metrics = train_distributed(cfg.align, base, pairs, out[workers], workers=workers, seed=0,
+                                    template=cfg.data.template, max_length=cfg.base.max_length,
+                                    storage_path=str(tmp_path / "ray"), groups=groups)
+        assert metrics["steps"] == 6 and metrics["world_size"] == workers
+    one, two, start = weights(out[1]), weights(out[2]), weights(type(out[1])(base))
+    moved = max((one[k] - start[k]).abs().max().item() for k in one)
+    assert moved > 1e-3  # training really changed the weights
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_pipeline_aligns_on_two_ray_train_workers(smoke, ray_local):
+    from hftlab.pipeline import run
+
+    summary = run(smoke("align.workers=2", "finetune.workers=2", "finetune.n=300"), log=lambda *_: None)
+    assert summary["base"]["hs"] >= 80.0 and summary["aligned"]["hs"] <= 20.0
+    assert summary["finetuned"]["hs"] >= summary["aligned"]["hs"] + 50.0  # the HFT effect, trained on 2 workers
