@@ -90,6 +90,6 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, log_to_driver=False)  # our own, even beside a `ray start` cluster
     yield ray
     ray.shutdown()

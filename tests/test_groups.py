@@ -88,11 +88,19 @@ def test_killing_a_matrix_actor_loses_and_duplicates_no_row(smoke, ray_local, tm
     examples = build_world(cfg.data.toy).alignment[:240]
     checkpoints = [base, base, base]
     killed: list[int] = []
+    errors: list[BaseException] = []
+    address = ray_local.get_runtime_context().gcs_address  # this session's cluster, even if others run
 
     def kill_one_busy_actor() -> None:
+        try:
+            find_and_kill()
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    def find_and_kill() -> None:
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
-            alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+            alive = [a for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True)
                      if "MatrixWorker" in a.class_name and a.pid]
             if len(alive) == 2:
                 time.sleep(2.0)  # let both actors get into their batches
@@ -105,7 +113,7 @@ def test_killing_a_matrix_actor_loses_and_duplicates_no_row(smoke, ray_local, tm
     killer.start()
     matrix = build_matrix(cfg, examples, checkpoints, tmp_path / "matrix")
     killer.join(timeout=5)
-    assert killed, "the test never found a running matrix actor to kill"
+    assert killed, f"the test never found a running matrix actor to kill ({errors})"
     expected = {(e.id, t) for e in examples for t in range(len(checkpoints))}
     got = list(zip(matrix["id"], matrix["checkpoint"], strict=True))
     assert len(got) == len(expected) and set(got) == expected  # none lost, none duplicated

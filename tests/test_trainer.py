@@ -46,3 +46,20 @@ def test_pipeline_aligns_on_two_ray_train_workers(smoke, ray_local):
     summary = run(smoke("align.workers=2", "finetune.workers=2", "finetune.n=300"), log=lambda *_: None)
     assert summary["base"]["hs"] >= 80.0 and summary["aligned"]["hs"] <= 20.0
     assert summary["finetuned"]["hs"] >= summary["aligned"]["hs"] + 50.0  # the HFT effect, trained on 2 workers
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_workers_match_one_worker(smoke, ray_local, tmp_path):
+    cfg = smoke("align.epochs=1", "align.batch_size=16", "align.lr=1e-3", "align.workers=2", "align.zero_stage=2")
+    base = base_model(cfg, log=lambda *_: None)
+    pairs = [(a.prompt, a.response) for a in build_world(cfg.data.toy).alignment[:96]]
+    out = {}
+    for workers in (1, 2):
+        out[workers] = tmp_path / f"ds{workers}"
+        metrics = train_distributed(cfg.align, base, pairs, out[workers], workers=workers, seed=0, template=cfg.data.template,
+                                    max_length=cfg.base.max_length, storage_path=str(tmp_path / "ray"))
+        assert metrics["steps"] == 6 and metrics["world_size"] == workers
+    one, two, start = weights(out[1]), weights(out[2]), weights(type(out[1])(base))
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-3
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=2e-5)

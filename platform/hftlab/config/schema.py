@@ -169,6 +169,9 @@ class VAAConfig:
 
 def _check_training(cfg: AlignConfig | FinetuneConfig) -> None:
     check(cfg.workers >= 1, "workers", cfg.workers, "must be >= 1")
+    check(cfg.zero_stage in (None, 0, 1, 2), "zero_stage", cfg.zero_stage, "must be null (DDP), 0, 1 or 2")
+    check(cfg.zero_stage is None or cfg.method == "sft", "zero_stage", cfg.zero_stage,
+          f"method={cfg.method} needs full gradients in p.grad; use zero_stage=null (DDP) for it")
     check(not (cfg.workers > 1 and cfg.lora.enabled), "workers", cfg.workers,
           "the Ray Train path trains full weights for now; use workers=1 with lora.enabled")
     check(cfg.epochs >= 0, "epochs", cfg.epochs, "must be >= 0")
@@ -191,6 +194,8 @@ class AlignConfig:
     """AdamW weight decay."""
     workers: int = 1
     """1: train in this process; N > 1: a Ray Train TorchTrainer with N DDP workers (same result, see trainer.py)."""
+    zero_stage: int | None = None
+    """With workers > 1: null = plain DDP; 0, 1, 2 = DeepSpeed ZeRO stage (SFT only for now)."""
     n_alignment: int | None = None
     """Alignment pairs used (null: all of the source)."""
     n_benign: int = 0
@@ -227,6 +232,8 @@ class FinetuneConfig:
     """AdamW weight decay."""
     workers: int = 1
     """1: train in this process; N > 1: a Ray Train TorchTrainer with N DDP workers."""
+    zero_stage: int | None = None
+    """With workers > 1: null = plain DDP; 0, 1, 2 = DeepSpeed ZeRO stage (SFT only for now)."""
     train_source: str | None = None
     """Task training data: HF `name[:split]` or a local path (null: the task's default)."""
     test_source: str | None = None

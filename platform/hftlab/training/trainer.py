@@ -58,11 +58,17 @@ def loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"])
     model, tokenizer = load_model(config["parent"])
-    model = ray.train.torch.prepare_model(model)
-    device = next(model.parameters()).device
     stage: AlignConfig | FinetuneConfig = config["stage"]
+    if stage.zero_stage is None:
+        model = ray.train.torch.prepare_model(model)  # DDP
+        engine = LocalEngine(model, stage.lr, stage.weight_decay)
+    else:
+        from hftlab.training.engine import DeepSpeedEngine
+
+        engine = DeepSpeedEngine(model, stage.lr, stage.weight_decay, zero_stage=stage.zero_stage)
+        model = engine.model  # forward through DeepSpeed's engine; it averages gradients over ranks like DDP
+    device = next(model.parameters()).device
     encoded = encode(tokenizer, config["pairs"], config["template"], config["max_length"])
-    engine = LocalEngine(model, stage.lr, stage.weight_decay)
     model.train()
     steps, last = 0, float("nan")
     if stage.method == "vaa":
