@@ -193,7 +193,7 @@ class AlignConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     workers: int = 1
-    """1: train in this process; N > 1: a Ray Train TorchTrainer with N DDP workers (same result, see trainer.py)."""
+    """1: train in this process; N > 1: a Ray Train TorchTrainer with N DDP workers (N workers reproduce 1, see trainer.py)."""
     zero_stage: int | None = None
     """With workers > 1: null = plain DDP; 0, 1, 2 = DeepSpeed ZeRO stage (SFT only for now)."""
     n_alignment: int | None = None

@@ -26,7 +26,7 @@ def _stream(encoded: list, batch_size: int, pad_id: int, seed: int) -> Iterator[
     epoch = 0
     while True:
         order = list(range(len(encoded)))
-        random.Random(seed * 7919 + epoch).shuffle(order)
+        random.Random(seed * 1000 + epoch).shuffle(order)  # the same order as training/trainer.py's slices
         for start in range(0, len(order), batch_size):
             yield collate([encoded[i] for i in order[start : start + batch_size]], pad_id)
         epoch += 1
