@@ -64,7 +64,7 @@ def score_costs(cfg, examples, checkpoints) -> tuple[float, float]:
     return gen_s, loss_s
 
 
-def main() -> None:
+def main(out=sys.stdout) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/quickstart.yaml")
     ap.add_argument("--naive-examples", type=int, default=150)
@@ -103,8 +103,12 @@ def main() -> None:
         "two_vs_one_actor": round(rates[2] / rates[1], 2),
         "loss_score_vs_generation_cost": round(loss_s / gen_s, 3),
         "targets": {"ray_2_actors_vs_naive": ">= 10", "two_vs_one_actor": ">= 1.6"},
-    }))
+    }), file=out)
 
 
 if __name__ == "__main__":
-    main()
+    import contextlib
+
+    real_stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # libraries print to stdout; only the JSON line goes there
+        main(real_stdout)

@@ -34,7 +34,7 @@ from hftlab.training.batches import collate, encode  # noqa: E402
 from hftlab.training.engine import LocalEngine  # noqa: E402
 
 
-def main() -> None:
+def main(out=sys.stdout) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/quickstart.yaml")
     ap.add_argument("--steps", type=int, default=60)
@@ -84,8 +84,12 @@ def main() -> None:
         "vaa_stochastic_mean_backward": round(statistics.mean(contenders["vaa_stochastic"][4]), 3),
         "vaa_weighted_vs_sft": round(median["vaa_weighted"] / median["sft"], 3),
         "targets": {"vaa_stochastic_vs_sft": "<= 1.5 (paper: VAA 1.5x)"},
-    }))
+    }), file=out)
 
 
 if __name__ == "__main__":
-    main()
+    import contextlib
+
+    real_stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # libraries print to stdout; only the JSON line goes there
+        main(real_stdout)
