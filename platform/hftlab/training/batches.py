@@ -36,9 +36,22 @@ def collate(encoded: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, 
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-def batches(encoded: Sequence[tuple[list[int], int]], batch_size: int, pad_id: int, seed: int) -> Iterator[dict]:
-    """One epoch of shuffled batches (the order is a function of `seed` only)."""
+def batches(encoded: Sequence[tuple[list[int], int]], batch_size: int, pad_id: int, seed: int, epoch: int = 0,
+            rank: int = 0, world: int = 1) -> Iterator[dict]:
+    """One epoch of shuffled global batches (the order depends on seed and epoch only), this rank's slice of each.
+
+    Rank r takes rows r, r + W, ... of every global batch. `norm` = the global batch's response tokens / W,
+    so a loss of token sum / norm makes DDP's gradient average equal the one-process mean-token gradient:
+    1 process, and W Ray Train workers, see the same batches and follow the same trajectory.
+    """
     order = list(range(len(encoded)))
-    random.Random(seed).shuffle(order)
+    random.Random(seed * 1000 + epoch).shuffle(order)
     for start in range(0, len(order), batch_size):
-        yield collate([encoded[i] for i in order[start : start + batch_size]], pad_id)
+        rows = [encoded[i] for i in order[start : start + batch_size]]
+        tokens = sum(len(ids) - n_prompt for ids, n_prompt in rows)  # response tokens = labels after the shift
+        mine = rows[rank::world]
+        batch = collate(mine or rows[:1], pad_id)
+        if not mine:  # fewer rows than ranks: a zero-weight slice, so every rank still steps together
+            batch["labels"][:] = -100
+        batch["norm"] = torch.tensor(max(tokens, 1) / world, dtype=torch.float32)
+        yield batch

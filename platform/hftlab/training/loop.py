@@ -35,7 +35,7 @@ def train(
     step, start, epoch_losses = 0, time.time(), [float("nan")]
     for epoch in range(epochs):
         epoch_losses = []
-        for batch in batches(encoded, batch_size, tokenizer.pad_token_id, seed * 1000 + epoch):
+        for batch in batches(encoded, batch_size, tokenizer.pad_token_id, seed, epoch):
             batch = {k: v.to(model.device) for k, v in batch.items()}
             stats = step_fn(model, batch, engine)
             epoch_losses.append(stats["loss"])

@@ -1,8 +1,8 @@
 """Ray Train adapter: the same algorithm cores (SFT, VAA) on N workers with DDP (gloo on CPU, nccl on GPU).
 
 Every worker builds the same global batches from the same seed and trains on its slice of each
-(rows rank, rank + W, ...). The loss is the token sum of the slice divided by the global batch's
-token count / W, so DDP's gradient average equals the single-process mean-token gradient exactly:
+(training/batches.py: rows rank, rank + W, ...). The loss is the token sum of the slice divided by the
+global batch's token count / W, so DDP's gradient average equals the single-process mean-token gradient:
 1 worker and W workers follow the same trajectory up to float rounding. The VAA sampler and coin
 use the same seed on every rank, and its perturbation norm is taken from the all-reduced gradient,
 so all ranks draw the same group and apply the same eps.
@@ -10,8 +10,6 @@ so all ranks draw the same group and apply the same eps.
 
 from __future__ import annotations
 
-import math
-import random
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from typing import Any
 import torch
 
 from hftlab.config.schema import AlignConfig, FinetuneConfig
-from hftlab.training.batches import Pair, collate, encode
+from hftlab.training.batches import Pair, batches, encode
 
 
 def token_sum_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -28,21 +26,6 @@ def token_sum_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     labels = batch["labels"][:, 1:]
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
     return nll / batch["norm"]
-
-
-def sharded_batches(encoded: list, batch_size: int, pad_id: int, seed: int, epoch: int, rank: int, world: int):
-    """This rank's slice of each global batch of one epoch, with the normaliser that makes DDP exact."""
-    order = list(range(len(encoded)))
-    random.Random(seed * 1000 + epoch).shuffle(order)
-    for start in range(0, len(order), batch_size):
-        rows = [encoded[i] for i in order[start : start + batch_size]]
-        tokens = sum(len(ids) - n_prompt for ids, n_prompt in rows)  # response tokens = labels after the shift
-        mine = rows[rank::world]
-        batch = collate(mine, pad_id) if mine else collate(rows[:1], pad_id)
-        if not mine:  # fewer rows than ranks: contribute a zero-weight slice so every rank steps together
-            batch["labels"][:] = -100
-        batch["norm"] = torch.tensor(max(tokens, 1) / world, dtype=torch.float32)
-        yield batch
 
 
 def loop_per_worker(config: dict[str, Any]) -> None:
@@ -77,7 +60,7 @@ def loop_per_worker(config: dict[str, Any]) -> None:
             steps, last = steps + 1, step(model, next_batch, engine)["loss"]
     else:
         for epoch in range(stage.epochs):
-            for batch in sharded_batches(encoded, stage.batch_size, tokenizer.pad_token_id, config["seed"], epoch, rank, world):
+            for batch in batches(encoded, stage.batch_size, tokenizer.pad_token_id, config["seed"], epoch, rank, world):
                 loss = token_sum_loss(model, {k: v.to(device) for k, v in batch.items()})
                 engine.backward(loss)
                 engine.step()
@@ -106,28 +89,14 @@ def _mean_over_ranks(value: float) -> float:
 
 def _vaa_step(config: dict, encoded: list, tokenizer, rank: int, world: int, device: torch.device):
     """(VAAStep, next_batch, total steps) over per-group streams of this rank's slices (same group on every rank)."""
-    from hftlab.algorithms.curriculum import make_schedule
-    from hftlab.algorithms.sampler import GroupSampler
-    from hftlab.algorithms.vaa import VAAStep
+    from hftlab.training.grouped import group_stream, vaa_setup
 
     stage: AlignConfig = config["stage"]
-    vaa, groups = stage.vaa, config["groups"]
-    kept = sorted({g for g in groups if g is not None})
-    members = [[e for e, g in zip(encoded, groups, strict=True) if g == k] for k in kept]
-    total = stage.epochs * math.ceil(sum(len(m) for m in members) / stage.batch_size)
-    sampler = GroupSampler(len(members), mode=vaa.sampler, eta_q=vaa.eta_q, importance_weighted=vaa.importance_weighted,
-                           q_min=vaa.q_min, q_max=vaa.q_max, group_sizes=[len(m) for m in members])
-    step = VAAStep(sampler, rho=vaa.rho, total_steps=total, schedule=make_schedule(vaa.curriculum, vaa.lam),
-                   objective=vaa.objective, seed=config["seed"], loss_fn=token_sum_loss, reduce_fn=_mean_over_ranks)
-
-    def stream(k: int):
-        epoch = 0
-        while True:
-            yield from sharded_batches(members[k], stage.batch_size, tokenizer.pad_token_id, config["seed"] + k, epoch,
-                                       rank, world)
-            epoch += 1
-
-    streams = [stream(k) for k in range(len(members))]
+    members, step, total = vaa_setup(encoded, config["groups"], stage.vaa, epochs=stage.epochs,
+                                     batch_size=stage.batch_size, seed=config["seed"],
+                                     loss_fn=token_sum_loss, reduce_fn=_mean_over_ranks)
+    streams = [group_stream(m, stage.batch_size, tokenizer.pad_token_id, config["seed"] + k, rank, world)
+               for k, m in enumerate(members)]
 
     def next_batch(group: int) -> dict:
         return {k: v.to(device) for k, v in next(streams[group]).items()}
