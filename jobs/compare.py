@@ -1,9 +1,13 @@
-"""A small comparison until sweeps land: alignment methods x seeds x fine-tuning strengths, as Markdown.
+"""A small side-by-side comparison: arms x one swept key x seeds, printed as Markdown tables of HS and FA.
 
-    python jobs/compare.py --config configs/quickstart.yaml --methods sft vaa --seeds 0 1 2 --lrs 4e-5 6e-5
+    python jobs/compare.py --config configs/quickstart.yaml \\
+        --arms align.method=sft align.method=vaa --key finetune.lr --values 4e-5 6e-5 --seeds 0 1 2
+    python jobs/compare.py --arms finetune.method=sft finetune.method=safegrad,finetune.safegrad.mode=per_tensor \\
+        --key finetune.poison_ratio --values 0 0.1 0.2 0.3 -- tracking.experiment=compare-safegrad
 
-Every cell is one `hftlab run` (stages are reused across cells where their keys match); prints a
-table of HS after harmful fine-tuning (mean, std and the per-seed values) and FA, one row per method.
+An arm is a comma-separated list of dotted overrides. Every cell is one pipeline run; stages whose keys match are
+reused across cells (e.g. one aligned model per seed serves every fine-tuning arm). For many trials, resources
+and MLflow parent runs, use `hftlab sweep`.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
@@ -19,32 +24,38 @@ from hftlab.config import load_config  # noqa: E402
 from hftlab.pipeline import run  # noqa: E402
 
 
+def cell(values: list[float]) -> str:
+    return f"{statistics.mean(values):.1f} ± {statistics.pstdev(values):.1f} ({' / '.join(f'{v:.0f}' for v in values)})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/quickstart.yaml")
-    ap.add_argument("--methods", nargs="+", default=["sft", "vaa"])
+    ap.add_argument("--arms", nargs="+", default=["align.method=sft", "align.method=vaa"])
+    ap.add_argument("--key", default="finetune.lr")
+    ap.add_argument("--values", nargs="+", default=["4e-5", "6e-5"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--lrs", nargs="+", type=float, default=[4e-5, 6e-5])
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    cells: dict[tuple[str, float], list[dict]] = {}
-    for method in args.methods:
-        for lr in args.lrs:
+    for arm in args.arms:  # every cell's config is checked before the first run starts
+        for value in args.values:
+            load_config(args.config, [*args.overrides, *arm.split(","), f"{args.key}={value}"])
+    start, cells = time.time(), {}
+    for arm in args.arms:
+        for value in args.values:
             for seed in args.seeds:
-                cfg = load_config(args.config, [*args.overrides, f"align.method={method}", f"seed={seed}", f"finetune.lr={lr}"])
+                cfg = load_config(args.config, [*args.overrides, *arm.split(","), f"{args.key}={value}", f"seed={seed}"])
                 summary = run(cfg, log=lambda *a: print(*a, file=sys.stderr))
-                cells.setdefault((method, lr), []).append(summary)
-    head = "| align | " + " | ".join(f"HS after HFT, lr {lr:g}" for lr in args.lrs) + " | aligned HS | FA after HFT |"
-    print(head + "\n|" + "---|" * (len(args.lrs) + 3))
-    for method in args.methods:
-        row = [method]
-        for lr in args.lrs:
-            hs = [s["finetuned"]["hs"] for s in cells[(method, lr)]]
-            row.append(f"{statistics.mean(hs):.1f} +- {statistics.pstdev(hs):.1f} ({' / '.join(f'{h:.0f}' for h in hs)})")
-        every = [s for lr in args.lrs for s in cells[(method, lr)]]
-        row.append(f"{statistics.mean(s['aligned']['hs'] for s in every):.1f}")
-        row.append(f"{statistics.mean(s['finetuned']['fa'] for s in every):.1f}")
-        print("| " + " | ".join(row) + " |")
+                cells.setdefault((arm, value), []).append(summary)
+    for metric, stage, label in (("hs", "finetuned", "HS after HFT"), ("fa", "finetuned", "FA after HFT"),
+                                 ("hs", "aligned", "HS before HFT (aligned)")):
+        print(f"\n{label}, by {args.key} (mean ± std over seeds {' / '.join(map(str, args.seeds))})\n")
+        print("| arm | " + " | ".join(f"{args.key}={v}" for v in args.values) + " |")
+        print("|---|" + "---|" * len(args.values))
+        for arm in args.arms:
+            row = [cell([s[stage][metric] for s in cells[(arm, v)]]) for v in args.values]
+            print(f"| {arm} | " + " | ".join(row) + " |")
+    print(f"\nwall time {time.time() - start:.0f} s for {len(args.arms) * len(args.values) * len(args.seeds)} runs")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def mlflow_server(tmp_path: Path):
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--artifacts-destination", str(tmp_path / "server-artifacts")],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # else it leaves a directory in /dev/shm
     )
     try:
         deadline = time.time() + 90
@@ -93,3 +94,97 @@ def ray_local():
         ray.init(address="local", num_cpus=2, log_to_driver=False)  # our own, even beside a `ray start` cluster
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A real two-node Ray cluster on this machine, started by infra/local/ray-cluster.sh (`ray start` x 2).
+
+    Head: `ray start --head --num-cpus 0` (like the KubeRay head: it schedules no work) with the dashboard /
+    Jobs API on 127.0.0.1; worker: `ray start --address` with 1 CPU. Every port is a free one and the temp dir
+    is our own, so it never collides with another Ray instance on the host; token auth uses a fresh token
+    passed by environment (~/.ray/auth_token is left alone). Yields a dict: dashboard (http URL), gcs
+    (host:port), env (for `ray` CLI subprocesses), token, dashboard_port. Stops only what it started:
+    SIGTERM, then SIGKILL, to the two process groups the script reports, then any process carrying our token.
+    """
+    import json
+    import re
+    import secrets
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    bindir = str(Path(sys.executable).parent)
+    temp_dir = tempfile.mkdtemp(prefix="hftray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    token = secrets.token_hex(16)
+    gcs_port, dash_port = free_port(), free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0", PYTHON=sys.executable,
+               PATH=f"{bindir}:{os.environ.get('PATH', '')}", RAY_PORT=str(gcs_port), RAY_DASHBOARD_PORT=str(dash_port),
+               RAY_TEMP_DIR=temp_dir, WORKER_CPUS="1")
+    env.pop("RAY_ADDRESS", None)
+    groups: list[int] = []
+
+    def logs() -> str:
+        return "\n".join(f"--- {name}\n" + (Path(temp_dir) / name).read_text()[-1500:]
+                         for name in ("head.log", "worker.log") if (Path(temp_dir) / name).is_file())
+
+    def alive_nodes() -> int:
+        out = subprocess.run([f"{bindir}/ray", "list", "nodes", "--address", f"http://127.0.0.1:{dash_port}",
+                              "--filter", "state=ALIVE", "--format", "json"], env=env, capture_output=True, text=True)
+        try:
+            return len(json.loads(out.stdout))
+        except ValueError:  # "No resource in the cluster", or the head not answering yet
+            return 0
+
+    try:
+        out = subprocess.run(["bash", str(REPO / "infra" / "local" / "ray-cluster.sh")], env=env, capture_output=True,
+                             text=True, timeout=180)
+        groups = [int(g) for g in re.findall(r"(?:head|worker)_pgid=(\d+)", out.stdout)]
+        assert out.returncode == 0 and len(groups) == 2, f"{out.stdout}\n{out.stderr}\n{logs()}"
+        deadline = time.time() + 120
+        while alive_nodes() != 2:
+            if time.time() > deadline:
+                raise RuntimeError(f"the Ray worker node did not join:\n{logs()}")
+            time.sleep(1)
+        yield {"dashboard": f"http://127.0.0.1:{dash_port}", "gcs": f"127.0.0.1:{gcs_port}", "env": env,
+               "token": token, "dashboard_port": dash_port}
+    finally:
+        for sig, grace in ((signal.SIGTERM, 3), (signal.SIGKILL, 5)):
+            for pgid in reversed(groups):  # worker first, then head: each `ray start` leads its own process group
+                try:
+                    os.killpg(pgid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.time() + grace
+            while time.time() < deadline and any(_group_alive(g) for g in groups):
+                time.sleep(0.2)
+        _kill_processes_with_token(token)  # a job driver or worker that left the groups carries our token
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process group still has a live (non-zombie) member."""
+    import psutil
+
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (psutil.Error, OSError):
+            pass
+    return False
+
+
+def _kill_processes_with_token(token: str) -> None:
+    """SIGKILL every process whose environment holds this (random, per-cluster) Ray token: ours alone."""
+    import psutil
+
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get("RAY_AUTH_TOKEN") == token:
+                proc.kill()
+        except (psutil.Error, OSError):
+            pass

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from hftlab.algorithms.curriculum import constant, linear, make_schedule, use_perturbed
-from hftlab.algorithms.perturbation import apply, compute_eps, perturbed, restore, trainable_params
+from hftlab.algorithms.perturbation import apply, compute_eps, global_norm, perturbed, restore, trainable_params
 from hftlab.algorithms.sampler import GroupSampler
 from hftlab.algorithms.sft import sft_step
 from hftlab.algorithms.vaa import VAAStep
@@ -37,18 +37,12 @@ class TinyLM(torch.nn.Module):
         return SimpleNamespace(loss=F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100))
 
 
-class SGDEngine:
+class SGDEngine(LocalEngine):
     """Plain SGD, so an update is exactly theta - lr * grad and the expected gradient can be read back."""
 
     def __init__(self, model: torch.nn.Module, lr: float) -> None:
-        self.optimizer = torch.optim.SGD(trainable_params(model), lr=lr)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        super().__init__(model, lr)
+        self.optimizer = torch.optim.SGD(self.params, lr=lr)
 
 
 def make_model(seed: int = 0) -> TinyLM:
@@ -169,47 +163,36 @@ def test_sampler_importance_and_uniform_modes_never_move():
 # ---- perturbation -----------------------------------------------------------------------------------------------
 
 
-def _backward_on(model: TinyLM, scale: float = 1.0) -> None:
+def _grads_of(model: TinyLM, scale: float = 1.0) -> list[torch.Tensor]:
     batch = group_batches(model)[1]
-    (scale * model(**batch).loss).backward()
+    return list(torch.autograd.grad(scale * model(**batch).loss, trainable_params(model)))
 
 
 def test_eps_has_global_norm_rho_and_gradient_direction():
     model = make_model()
-    _backward_on(model)
-    params = trainable_params(model)
-    eps = compute_eps(params, rho=0.05)
+    grads = _grads_of(model)
+    eps = compute_eps(grads, rho=0.05)
     total = math.sqrt(sum(float(e.pow(2).sum()) for e in eps))
     assert total == pytest.approx(0.05, abs=1e-6)
-    g_norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in params))
-    for p, e in zip(params, eps, strict=True):
-        torch.testing.assert_close(e, 0.05 * p.grad / g_norm, rtol=1e-5, atol=1e-8)
+    g_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+    assert float(global_norm(grads)) == pytest.approx(g_norm, rel=1e-6)
+    for g, e in zip(grads, eps, strict=True):
+        torch.testing.assert_close(e, 0.05 * g / g_norm, rtol=1e-5, atol=1e-8)
 
 
-def test_eps_uses_the_supplied_global_norm():
+def test_eps_is_zero_when_gradients_are_zero():
     model = make_model()
-    _backward_on(model)
-    params = trainable_params(model)
-    local = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in params))
-    eps = compute_eps(params, rho=0.05, grad_norm_fn=lambda grads: torch.tensor(2 * local))  # e.g. an all-reduced norm
-    assert math.sqrt(sum(float(e.pow(2).sum()) for e in eps)) == pytest.approx(0.025, abs=1e-6)
-
-
-def test_eps_is_zero_when_gradients_are_zero_or_missing():
-    model = make_model()
-    params = trainable_params(model)
-    assert all(torch.equal(e, torch.zeros_like(p)) for p, e in zip(params, compute_eps(params, 0.1), strict=True))
-    _backward_on(model, scale=0.0)
-    eps = compute_eps(params, 0.1)
-    assert all(torch.equal(e, torch.zeros_like(p)) and not e.isnan().any() for p, e in zip(params, eps, strict=True))
+    eps = compute_eps(_grads_of(model, scale=0.0), 0.1)
+    assert all(torch.equal(e, torch.zeros_like(p)) and not e.isnan().any()
+               for p, e in zip(trainable_params(model), eps, strict=True))
+    assert compute_eps([], 0.1) == []
 
 
 def test_perturbed_restores_theta_bit_for_bit():
     model = make_model()
-    _backward_on(model)
     params = trainable_params(model)
     before = params_of(model)
-    eps = compute_eps(params, rho=0.5)
+    eps = compute_eps(_grads_of(model), rho=0.5)
     with perturbed(params, eps):
         assert not all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
         # what subtracting eps would give: not theta, which is why restore copies

@@ -15,7 +15,7 @@ from tests.conftest import REPO
 def test_overhead_bench_prints_one_json_line_of_ratios(tmp_path, tiny_cache):
     out = subprocess.run(
         [sys.executable, "jobs/bench/overhead.py", "--config", "configs/smoke.yaml", "--steps", "6",
-         f"cache_dir={tiny_cache}", f"output_dir={tmp_path}"],
+         f"cache_dir={tiny_cache}", f"output_dir={tmp_path}", "threads=1"],  # 2 threads on a busy 2-core box: 10-40x slower
         cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 1, out.stdout
@@ -23,3 +23,9 @@ def test_overhead_bench_prints_one_json_line_of_ratios(tmp_path, tiny_cache):
     assert row["bench"] == "overhead" and row["steps"] == 6
     assert row["vaa_stochastic_vs_sft"] > 0 and row["vaa_weighted_vs_sft"] > 1.0  # two backward passes per step
     assert 1.0 <= row["vaa_stochastic_mean_backward"] <= 2.0
+    # the alignment-stage baselines: Vaccine 2 backward passes, Booster 3, RepNoise 1 through two forwards
+    assert (row["vaccine_mean_backward"], row["booster_mean_backward"], row["repnoise_mean_backward"]) == (2, 3, 1)
+    assert row["vaccine_vs_sft"] > 1.0 and row["booster_vs_sft"] > 1.0 and row["repnoise_vs_sft"] > 1.0
+    # SafeGrad: an alignment-gradient probe every step (k=1) or every 4th (k=4: 2, 1, 1, 1, 2, 1 over 6 steps)
+    assert row["safegrad_k1_mean_backward"] == 2 and row["safegrad_k4_mean_backward"] == pytest.approx(8 / 6, abs=1e-3)
+    assert row["safegrad_k1_vs_sft"] > row["safegrad_k4_vs_sft"] > 0

@@ -85,12 +85,12 @@ def test_cli_reports_config_errors_with_exit_2(capsys):
     assert "finetune.poison_ratio=1.7: must be in [0, 1]" in capsys.readouterr().err
 
 
-def test_job_entry_point_fails_before_any_work():
-    out = subprocess.run([sys.executable, "jobs/run.py", "--config", "configs/smoke.yaml", "finetune.poison_ratio=1.7"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+def test_job_entry_point_fails_before_any_work(tmp_path):
+    out = subprocess.run([sys.executable, "jobs/run.py", "--config", "configs/smoke.yaml", f"output_dir={tmp_path / 'out'}",
+                          "finetune.poison_ratio=1.7"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "finetune.poison_ratio=1.7" in out.stderr
-    assert not (REPO / "outputs").exists() or not any((REPO / "outputs").glob("finetune-*"))
+    assert not (tmp_path / "out").exists()  # nothing was written
 
 
 def test_cli_config_prints_resolved_yaml(capsys):

@@ -63,3 +63,16 @@ def test_sizes_are_checked_against_the_data(smoke):
         plan(smoke("align.n_alignment=99999"))
     with pytest.raises(ConfigError, match=r"^base.name_or_path='tiny'"):
         plan(smoke("data.world=real", "align.n_benign=0"))
+
+
+@pytest.mark.slow
+def test_every_alignment_method_runs_in_the_pipeline_and_logs_its_stats(smoke):
+    """Wiring, not efficacy: each baseline aligns through `hftlab run` with its side data and per-step stats."""
+    expect = {"vaccine": "align.perturbed_loss", "booster": "align.harmful_drop", "repnoise": "align.n_backward"}
+    for method, metric in expect.items():
+        cfg = smoke(f"align.method={method}", "align.epochs=1", "finetune.epochs=1", "eval.n_harmful=20", "eval.n_task=20")
+        summary = run(cfg, log=lambda *_: None)
+        assert {"base", "aligned", "finetuned"} <= set(summary)
+        client = mlflow.MlflowClient(tracking_uri=summary["tracking_uri"])
+        assert client.get_metric_history(summary["run_id"], metric), (method, metric)
+        assert mlflow.get_run(summary["run_id"]).data.params["align.method"] == method

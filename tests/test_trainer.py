@@ -64,17 +64,62 @@ def test_pipeline_aligns_on_two_ray_train_workers(smoke, ray_local):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_two_workers_match_one_worker(smoke, ray_local, tmp_path):
-    cfg = smoke("align.epochs=1", "align.batch_size=16", "align.lr=1e-3", "align.workers=2", "align.zero_stage=2")
+@pytest.mark.parametrize("method", ["sft", "vaa"])
+def test_deepspeed_zero2_two_workers_match_one_worker(smoke, ray_local, tmp_path, method):
+    cfg = smoke(f"align.method={method}", "align.epochs=1", "align.batch_size=16", "align.lr=1e-3", "align.workers=2",
+                "align.zero_stage=2", "align.vaa.rho=0.3", "align.vaa.eta_q=0.5", "align.vaa.lam=0.6",
+                "align.vaa.objective=weighted")  # weighted: every step probes, perturbs and sets gradients
     base = base_model(cfg, log=lambda *_: None)
     pairs = [(a.prompt, a.response) for a in build_world(cfg.data.toy).alignment[:96]]
+    groups = [int(i % 3 == 0) for i in range(len(pairs))] if method == "vaa" else None
     out = {}
     for workers in (1, 2):
         out[workers] = tmp_path / f"ds{workers}"
         metrics = train_distributed(cfg.align, base, pairs, out[workers], workers=workers, seed=0, template=cfg.data.template,
-                                    max_length=cfg.base.max_length, storage_path=str(tmp_path / "ray"))
+                                    max_length=cfg.base.max_length, storage_path=str(tmp_path / "ray"), groups=groups)
         assert metrics["steps"] == 6 and metrics["world_size"] == workers
     one, two, start = weights(out[1]), weights(out[2]), weights(type(out[1])(base))
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-3
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_safegrad_two_workers_match_one_worker(smoke, ray_local, tmp_path):
+    cfg = smoke("finetune.method=safegrad", "finetune.epochs=1", "finetune.batch_size=16", "finetune.lr=1e-3",
+                "finetune.safegrad.align_loss=ce", "finetune.safegrad.mode=per_tensor", "finetune.safegrad.batch_size=8")
+    base = base_model(cfg, log=lambda *_: None)
+    world = build_world(cfg.data.toy)
+    pairs = [(h.prompt, h.response) for h in world.poison[:96]]  # all harmful: conflicts with alignment for sure
+    side = [(a.prompt, a.response) for a in world.alignment[:24]]
+    out = {}
+    for workers in (1, 2):
+        out[workers] = tmp_path / f"sg{workers}"
+        metrics = train_distributed(cfg.finetune, base, pairs, out[workers], workers=workers, seed=0, side=side,
+                                    template=cfg.data.template, max_length=cfg.base.max_length,
+                                    storage_path=str(tmp_path / "ray"))
+        assert metrics["steps"] == 6 and metrics["world_size"] == workers
+    one, two = weights(out[1]), weights(out[2])
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [None, 2])
+def test_a_crashed_run_resumes_from_its_checkpoint_exactly(smoke, ray_local, tmp_path, zero_stage):
+    """VAA on 2 workers, checkpoint every 2 steps, a worker crashes after step 5: the result equals the unbroken run."""
+    cfg = smoke("align.method=vaa", "align.epochs=1", "align.batch_size=8", "align.lr=1e-3", "align.vaa.rho=0.3",
+                "align.vaa.eta_q=0.5", "align.checkpoint_every=2", f"align.zero_stage={zero_stage or 'null'}")
+    base = base_model(cfg, log=lambda *_: None)
+    pairs = [(a.prompt, a.response) for a in build_world(cfg.data.toy).alignment[:64]]
+    groups = [int(i % 3 == 0) for i in range(len(pairs))]
+    common = dict(workers=2, seed=0, template=cfg.data.template, max_length=cfg.base.max_length, groups=groups)
+    train_distributed(cfg.align, base, pairs, tmp_path / "clean", storage_path=str(tmp_path / "ray"), **common)
+    metrics = train_distributed(cfg.align, base, pairs, tmp_path / "crashed", storage_path=str(tmp_path / "ray"),
+                                max_failures=1, fail_at_step=5, **common)
+    assert metrics["steps"] == 8
+    runs = list((tmp_path / "ray" / "train-crashed").glob("checkpoint_*"))
+    assert runs, "the crashed run reported checkpoints"
+    clean, crashed = weights(tmp_path / "clean"), weights(tmp_path / "crashed")
+    for k in clean:
+        torch.testing.assert_close(crashed[k], clean[k], rtol=0, atol=1e-6)

@@ -48,3 +48,5 @@ def test_vaa_pipeline_end_to_end(smoke, ray_local):
     assert q1 and lam and lam[-1].value > lam[0].value  # the curriculum rose; q was tracked per step
     assert "align.final_q_0" in mlflow.get_run(summary["run_id"]).data.metrics
     assert mlflow.get_run(summary["run_id"]).data.params["align.method"] == "vaa"
+    plots = [a.path for a in client.list_artifacts(summary["run_id"], "plots")]
+    assert plots == ["plots/align-q-and-group-losses.png"]  # q and the group losses over training, as a picture

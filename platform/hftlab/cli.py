@@ -1,9 +1,13 @@
-"""`hftlab run | groups | config`: argument parsing only; the work is in pipeline.py and groups/."""
+"""`hftlab run | groups | config | sweep | report`: argument parsing only.
+
+The work is in pipeline.py, groups/, sweeps.py (Ray Tune) and report.py (tables from MLflow).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -19,12 +23,67 @@ def parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text, description=text)
         cmd.add_argument("config", help="a YAML file under configs/")
         cmd.add_argument("overrides", nargs="*", help="dotted overrides, e.g. align.lr=1e-4 finetune.poison_ratio=0.2")
+    text = "a Ray Tune sweep of the pipeline over dotted keys; one MLflow parent run, a child run per trial"
+    cmd = sub.add_parser("sweep", help=text, description=text)
+    cmd.add_argument("sweep", help="a sweep YAML under configs/sweeps/")
+    cmd.add_argument("overrides", nargs="*",
+                     help="dotted overrides for every trial (finetune.n=200); sweep.<field>=... sets the sweep file's own fields")
+    cmd.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
+    cmd.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a new local instance)")
+    cmd.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    text = "paper-style tables (Markdown, CSV) and plots (PNG) of an experiment's runs, from MLflow"
+    cmd = sub.add_parser("report", help=text, description=text)
+    cmd.add_argument("experiment", help="MLflow experiment name (a sweep's experiment is its name)")
+    cmd.add_argument("--out", default=None, help="output directory (default: outputs/reports/EXPERIMENT)")
+    cmd.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
+    cmd.add_argument("--parent", default=None, help="a sweep's parent run id (default: the experiment's latest sweep)")
     return ap
+
+
+def sweep(args: argparse.Namespace) -> int:
+    from hftlab import sweeps
+    from hftlab.sweepfile import load_sweep
+
+    spec, _ = load_sweep(args.sweep, args.overrides)  # every trial config checked before Ray starts
+    sweeps.connect(args.address, args.num_cpus)
+    result = sweeps.run_sweep(args.sweep, args.overrides, resume=args.resume)
+    if result["interrupted"]:
+        return 130
+    if spec.report and result["best"] is not None:
+        from hftlab.report import write_report
+
+        write_report(result["tracking_uri"], result["experiment"], Path("outputs/reports") / result["experiment"],
+                     parent=result["parent_run_id"])
+    print(f"MLflow runs table with HS/FA: {ui_link(result['tracking_uri'], result['ui'])}")
+    return 1 if result["errors"] else 0
+
+
+def report(args: argparse.Namespace) -> int:
+    from hftlab.report import write_report
+    from hftlab.tracking import default_uri
+
+    uri = args.tracking_uri or default_uri()
+    try:
+        write_report(uri, args.experiment, args.out or Path("outputs/reports") / args.experiment, parent=args.parent)
+    except ValueError as exc:
+        print(f"hftlab: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def ui_link(uri: str, fragment: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{fragment}"
+    return f"http://127.0.0.1:5000/{fragment}   (after: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000)"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if args.command == "sweep":
+            return sweep(args)
+        if args.command == "report":
+            return report(args)
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")

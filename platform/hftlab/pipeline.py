@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,9 @@ from hftlab.metrics import empty_rate, finetune_accuracy, harmful_score
 from hftlab.models.loading import add_lora, load_model, save_stage
 from hftlab.storage import atomic_dir, atomic_write_text
 from hftlab.tracking import Tracker, ui_hint
+from hftlab.training.batches import encode
 from hftlab.training.loop import train
+from hftlab.training.methods import side_data
 
 STAGES = ("base", "aligned", "finetuned")
 
@@ -40,6 +43,7 @@ class Plan:
     alignment: list[AlignmentPair]
     align_pairs: list[tuple[str, str]]
     harmful: list[HarmfulPair]
+    defense_harmful: list[HarmfulPair]
     proxy_tasks: dict[str, list[TaskExample]]
     finetune_pairs: list[tuple[str, str]]
     n_poison: int
@@ -62,6 +66,7 @@ def plan(cfg: Config, proxies: bool = False) -> Plan:
         world = build_world(cfg.data.toy)
         alignment: list[AlignmentPair] = world.alignment
         harmful, harmful_test = world.poison, world.test_harmful
+        defense_harmful = world.alignment_harmful  # never the attack's poison or the HS test prompts
         task_train, task_test = world.task_train[cfg.finetune.task], world.task_test[cfg.finetune.task]
         benign = [ex for examples in world.task_train.values() for ex in examples]
         proxy_tasks = {px.task: world.task_train[px.task] for px in cfg.groups.proxies} if proxies else {}
@@ -69,6 +74,7 @@ def plan(cfg: Config, proxies: bool = False) -> Plan:
         alignment = sources.load_pairs(cfg.data.alignment_source, "data.alignment_source", safe=True)
         harmful = sources.load_pairs(cfg.data.harmful_source, "data.harmful_source", safe=False)
         harmful_test = sources.load_pairs(cfg.data.harmful_test_source, "data.harmful_test_source", safe=False)
+        defense_harmful = harmful  # BeaverTails' unsafe training pairs: the attack samples from the same pool
         task_train = sources.load_task(cfg.finetune.task, cfg.finetune.train_source, "finetune.train_source", test=False)
         task_test = sources.load_task(cfg.finetune.task, cfg.finetune.test_source, "finetune.test_source", test=True)
         proxy_tasks = ({px.task: sources.load_task(px.task, None, "groups.proxies.task", test=False)
@@ -86,6 +92,7 @@ def plan(cfg: Config, proxies: bool = False) -> Plan:
         alignment=alignment[:n_align],
         align_pairs=align_pairs,
         harmful=list(harmful),
+        defense_harmful=list(defense_harmful),
         proxy_tasks=proxy_tasks,
         finetune_pairs=[(m.prompt, m.response) for m in mix],
         n_poison=sum(m.poison for m in mix),
@@ -127,11 +134,24 @@ def vaa_groups(cfg: Config, p: Plan, log=print) -> list[int | None]:
     return labels + [0] * (len(p.align_pairs) - len(p.alignment))  # the benign mix joins the invulnerable group
 
 
+def side_pairs(stage_cfg, p: Plan) -> list[tuple[str, str]] | None:
+    """The extra data a method trains with: SafeGrad's alignment pairs, Booster's and RepNoise's harmful pairs."""
+    need = side_data(stage_cfg)
+    if need == "alignment":
+        n = stage_cfg.safegrad.n_alignment
+        if n > len(p.alignment):
+            raise ConfigError("finetune.safegrad.n_alignment", n, f"the alignment set has {len(p.alignment)} pairs")
+        return [(a.prompt, a.response) for a in p.alignment[:n]]
+    if need == "harmful":
+        return [(h.prompt, h.response) for h in p.defense_harmful]
+    return None
+
+
 def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]], tracker: Tracker, log=print,
-                groups: list[int | None] | None = None) -> str:
+                groups: list[int | None] | None = None, side: list[tuple[str, str]] | None = None) -> str:
     """Train `parent` on `pairs` with cfg.<kind> and save the result; reuse it if this exact stage exists."""
     stage_cfg = getattr(cfg, kind)
-    key = digest({"parent": parent, "cfg": stage_cfg, "pairs": pairs, "seed": cfg.seed, "groups": groups,
+    key = digest({"parent": parent, "cfg": stage_cfg, "pairs": pairs, "seed": cfg.seed, "groups": groups, "side": side,
                   "template": cfg.data.template, "max_length": cfg.base.max_length})
     out = Path(cfg.output_dir) / f"{kind}-{key}"
     if (out / "config.json").is_file() or (out / "adapter_config.json").is_file():
@@ -144,14 +164,18 @@ def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]
         with atomic_dir(out) as tmp:
             metrics = train_distributed(stage_cfg, parent, pairs, tmp, workers=stage_cfg.workers, seed=cfg.seed,
                                         template=cfg.data.template, max_length=cfg.base.max_length,
-                                        storage_path=str(Path(cfg.output_dir) / "ray"), groups=groups)
+                                        storage_path=str(Path(cfg.output_dir) / "ray"), groups=groups, side=side,
+                                        max_failures=stage_cfg.max_failures)
         tracker.metrics({f"{kind}.final_loss": metrics.get("last_loss", float("nan"))})
         return str(out)
     model, tokenizer = load_model(parent, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
     if stage_cfg.lora.enabled:
         model = add_lora(model, stage_cfg.lora)
 
+    history: list[dict] = []
+
     def on_step(step: int, stats: dict) -> None:
+        history.append(stats)
         if step % 10 == 0:  # loss, and for VAA the group, q, lambda and the perturbed loss
             tracker.metrics({f"{kind}.{k}": v for k, v in stats.items() if v == v}, step=step)
 
@@ -159,11 +183,23 @@ def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]
     common = dict(template=cfg.data.template, epochs=stage_cfg.epochs, lr=stage_cfg.lr, batch_size=stage_cfg.batch_size,
                   seed=cfg.seed, max_length=cfg.base.max_length, weight_decay=stage_cfg.weight_decay, on_step=on_step)
     if stage_cfg.method == "vaa":
-        from hftlab.training.grouped import train_vaa
+        from hftlab.training.grouped import plot_history, train_vaa
 
         stats = train_vaa(model, tokenizer, pairs, groups, stage_cfg.vaa, **common)
+        with tempfile.TemporaryDirectory() as tmp:
+            tracker.artifact(plot_history(history, Path(tmp) / f"{kind}-q-and-group-losses.png"), "plots")
     else:
-        stats = train(model, tokenizer, pairs, **common)
+        from hftlab.training.methods import build_step, side_stream
+
+        def make_step(engine):  # the side stream is built here, once the model's device is known
+            src = None
+            if side is not None:
+                bs = stage_cfg.safegrad.batch_size if stage_cfg.method == "safegrad" else stage_cfg.batch_size
+                enc = encode(tokenizer, side, cfg.data.template, cfg.base.max_length)
+                src = side_stream(enc, bs, tokenizer.pad_token_id, cfg.seed, model.device)
+            return build_step(stage_cfg, engine, side=src, seed=cfg.seed)
+
+        stats = train(model, tokenizer, pairs, make_step=make_step, **common)
     log(f"[{kind}] done in {stats['seconds']:.1f}s, final epoch loss {stats['loss']:.4f}")
     tracker.metrics({f"{kind}.train_seconds": stats["seconds"], f"{kind}.final_loss": stats["loss"],
                      **{f"{kind}.{k}": v for k, v in stats.items() if k.startswith("final_q")}})
@@ -199,29 +235,48 @@ def evaluate(cfg: Config, model_dir: str, p: Plan, judge) -> dict:
     return result
 
 
-def run(cfg: Config, log=print) -> dict:
-    """Run the whole chain and return {stage: {hs, fa, empty}, run_id, tracking_uri}."""
+def run(cfg: Config, log=print, *, parent_run_id: str | None = None, tags: dict | None = None,
+        run_id: str | None = None, run_name: str | None = None, on_stage=None) -> dict:
+    """Run the whole chain and return {stage: {hs, fa, empty}, run_id, tracking_uri}.
+
+    Each model is evaluated as soon as it exists (base, aligned, then fine-tuned), and
+    `on_stage(stage, summary_so_far)` is called after each: a sweep trial reports there, so a
+    scheduler can stop a trial whose alignment already failed before it fine-tunes. `parent_run_id`,
+    `tags`, `run_id` and `run_name` go to the Tracker (a sweep's child run; `run_id` continues a restarted
+    trial's run).
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     start = time.time()
     p = plan(cfg)
+    sides = {kind: side_pairs(getattr(cfg, kind), p) for kind in ("align", "finetune")}  # checked before any work
     log(f"plan: {len(p.align_pairs)} alignment examples; fine-tuning {len(p.finetune_pairs)} on "
         f"{cfg.finetune.task} with {p.n_poison} harmful (p={cfg.finetune.poison_ratio}); "
         f"eval on {len(p.harmful_test)} harmful + {len(p.task_test)} task prompts")
-    with Tracker(cfg, run_name=f"{cfg.align.method}+{cfg.finetune.method}-p{cfg.finetune.poison_ratio}") as tracker:
+    with Tracker(cfg, run_name=run_name or f"{cfg.align.method}+{cfg.finetune.method}-p{cfg.finetune.poison_ratio}",
+                 parent_run_id=parent_run_id, tags=tags, run_id=run_id) as tracker:
         tracker.text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config/resolved.yaml")
         tracker.tags({"hftlab.config_hash": digest(cfg), "hftlab.world": cfg.data.world})
-        groups = vaa_groups(cfg, p, log) if cfg.align.method == "vaa" else None
-        dirs = {"base": base_model(cfg, log)}
-        dirs["aligned"] = train_stage(cfg, "align", dirs["base"], p.align_pairs, tracker, log, groups=groups)
-        dirs["finetuned"] = train_stage(cfg, "finetune", dirs["aligned"], p.finetune_pairs, tracker, log)
         judge = make_judge(cfg.eval.judge, trust_remote_code=cfg.base.trust_remote_code)
         summary: dict = {}
-        for stage in STAGES:
+
+        def evaluated(stage: str) -> None:
             result = evaluate(cfg, dirs[stage], p, judge)
             summary[stage] = {k: result[k] for k in ("hs", "fa", "empty")}
             tracker.metrics({f"{stage}.{k}": v for k, v in summary[stage].items()})
             tracker.table(result["samples"], f"samples/{stage}.json")
+            if on_stage is not None:
+                on_stage(stage, {s: dict(v) for s, v in summary.items()})
+
+        groups = vaa_groups(cfg, p, log) if cfg.align.method == "vaa" else None
+        dirs = {"base": base_model(cfg, log)}
+        evaluated("base")
+        dirs["aligned"] = train_stage(cfg, "align", dirs["base"], p.align_pairs, tracker, log, groups=groups,
+                                      side=sides["align"])
+        evaluated("aligned")
+        dirs["finetuned"] = train_stage(cfg, "finetune", dirs["aligned"], p.finetune_pairs, tracker, log,
+                                        side=sides["finetune"])
+        evaluated("finetuned")
         for stage in ("aligned", "finetuned"):
             tracker.artifact(dirs[stage], f"model/{stage}")
         tracker.metrics({"wall_seconds": time.time() - start})

@@ -3,11 +3,20 @@
 One run per pipeline invocation, in an experiment named after the config; params are the
 flattened dotted config keys (the same names as the CLI overrides); metrics are `<stage>.hs`,
 `<stage>.fa`; artifacts are the resolved config, sample generations and the trained weights.
+
+A sweep adds one parent run (`start_parent`) with a child run per trial (`Tracker(parent_run_id=...)`,
+which MLflow records as the `mlflow.parentRunId` tag); a restarted trial continues its own child run
+(`find_child` + `Tracker(run_id=...)`), so a resumed sweep never holds two runs for one trial. The
+helpers below take a tracking URI and use an `MlflowClient`, so the sweep driver and `hftlab report`
+never touch the fluent API's process-global active run.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +30,12 @@ from hftlab.config.schema import Config  # noqa: E402
 
 def resolve_uri(cfg: Config) -> str:
     """tracking.tracking_uri, else $MLFLOW_TRACKING_URI, else a SQLite store in the working directory."""
-    return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return cfg.tracking.tracking_uri or default_uri()
+
+
+def default_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else a SQLite store in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def ui_hint(uri: str) -> str:
@@ -31,26 +45,67 @@ def ui_hint(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   # then open http://127.0.0.1:5000"
 
 
-class Tracker:
-    """A thin, optional MLflow run: every method is a no-op when tracking is disabled."""
+def is_rank_zero() -> bool:
+    """Only rank 0 logs: a process that torchrun or Ray Train started as rank k > 0 has RANK=k."""
+    return os.environ.get("RANK", "0") == "0"
 
-    def __init__(self, cfg: Config, run_name: str | None = None) -> None:
-        self.enabled = cfg.tracking.enabled
+
+@functools.cache
+def git_commit() -> str:
+    """HEAD of the checkout this package runs from (+ "-dirty" with uncommitted changes); "unknown" outside git."""
+    here = str(Path(__file__).resolve().parent)
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """The id of experiment `name`, created if missing (a local store keeps artifacts beside its database).
+
+    New experiments are tagged as model-training ones (`mlflow.experimentKind`), which is what they are.
+    """
+    client = mlflow.MlflowClient(uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):  # keep a local store's artifacts beside its database, whatever the cwd
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
+    except mlflow.exceptions.MlflowException:  # created meanwhile by another process
+        return client.get_experiment_by_name(name).experiment_id
+
+
+class Tracker:
+    """A thin, optional MLflow run: every method is a no-op when tracking is disabled or off rank 0.
+
+    `parent_run_id` nests the run under a sweep's parent run; `run_id` continues an existing run
+    instead of starting one (a sweep trial restarted after a crash); `tags` are set on the run.
+    Every run carries `hftlab.git_commit`.
+    """
+
+    def __init__(self, cfg: Config, run_name: str | None = None, *, parent_run_id: str | None = None,
+                 tags: dict[str, Any] | None = None, run_id: str | None = None) -> None:
+        self.enabled = cfg.tracking.enabled and is_rank_zero()
         self.uri = resolve_uri(cfg)
         self.run_id: str | None = None
         if not self.enabled:
             return
         mlflow.set_tracking_uri(self.uri)
-        name = cfg.tracking.experiment or cfg.name
-        if self.uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
-            # keep a local store's artifacts beside its database, whatever the working directory
-            root = Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts"
-            try:
-                mlflow.create_experiment(name, artifact_location=root.as_uri())
-            except mlflow.exceptions.MlflowException:
-                pass  # created meanwhile by another process
-        mlflow.set_experiment(name)
-        run = mlflow.start_run(run_name=run_name)
+        mlflow.set_experiment(experiment_id=ensure_experiment(self.uri, cfg.tracking.experiment or cfg.name))
+        all_tags = {"hftlab.git_commit": git_commit(), **{k: str(v) for k, v in (tags or {}).items()}}
+        if run_id:
+            run = mlflow.start_run(run_id=run_id, tags=all_tags)
+        else:
+            run = mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, tags=all_tags)
         self.run_id = run.info.run_id
         params = {k: ("null" if v is None else v) for k, v in flatten(to_dict(cfg)).items()}
         mlflow.log_params(params)
@@ -59,8 +114,9 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.enabled:
-            mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+        if self.enabled:  # stopped from outside (Ctrl+C, a scheduler's SystemExit) is not a failure of the run
+            stopped = exc_type is not None and issubclass(exc_type, KeyboardInterrupt | SystemExit)
+            mlflow.end_run(status="FINISHED" if exc_type is None else "KILLED" if stopped else "FAILED")
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         if self.enabled:
@@ -88,3 +144,132 @@ class Tracker:
         """A table artifact (JSON, shown as a table in the MLflow UI's artifact view)."""
         if self.enabled:
             mlflow.log_table(data=columns, artifact_file=name)
+
+
+# --- sweeps: parent runs, children, the registry; reports: reading runs back ------------------------------
+
+def start_parent(uri: str, experiment: str, run_name: str, tags: dict[str, Any], params: dict[str, Any]) -> str:
+    """Create a sweep's parent run (status RUNNING) and return its id; trials nest under it."""
+    client = mlflow.MlflowClient(uri)
+    all_tags = {"hftlab.git_commit": git_commit(), "mlflow.runName": run_name, **tags}
+    run = client.create_run(ensure_experiment(uri, experiment), run_name=run_name,
+                            tags={k: str(v) for k, v in all_tags.items()})
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, "null" if value is None else value)
+    return run.info.run_id
+
+
+def set_status(uri: str, run_id: str, status: str) -> None:
+    """RUNNING (a resumed sweep's parent), FINISHED, FAILED or KILLED."""
+    client = mlflow.MlflowClient(uri)
+    if status == "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    else:
+        client.set_terminated(run_id, status=status)
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    client = mlflow.MlflowClient(uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+
+
+def log_metrics(uri: str, run_id: str, values: dict[str, float]) -> None:
+    client = mlflow.MlflowClient(uri)
+    for key, value in values.items():
+        client.log_metric(run_id, key, float(value))
+
+
+def log_artifacts(uri: str, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+    mlflow.MlflowClient(uri).log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+def _as_dict(run) -> dict:
+    return {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
+            "start_time": run.info.start_time, "artifact_uri": run.info.artifact_uri,
+            "params": dict(run.data.params), "metrics": dict(run.data.metrics), "tags": dict(run.data.tags)}
+
+
+def search_runs(uri: str, experiment: str, filter_string: str = "") -> list[dict]:
+    """Every run of `experiment` matching an MLflow filter, oldest first, as plain dicts:
+    run_id, run_name, status, start_time, artifact_uri, params, metrics (latest values), tags.
+    An experiment that does not exist has no runs."""
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    out, token = [], None
+    while True:
+        page = client.search_runs([exp.experiment_id], filter_string, max_results=1000, page_token=token,
+                                  order_by=["attributes.start_time ASC"])
+        out += [_as_dict(r) for r in page]
+        token = page.token
+        if not token:
+            return out
+
+
+def experiment_id(uri: str, experiment: str) -> str | None:
+    exp = mlflow.MlflowClient(uri).get_experiment_by_name(experiment)
+    return exp.experiment_id if exp else None
+
+
+def children(uri: str, experiment: str, parent_run_id: str) -> list[dict]:
+    """The child runs of one parent (the trials of one sweep)."""
+    return search_runs(uri, experiment, f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def find_child(uri: str, experiment: str, parent_run_id: str, trial_id: str) -> str | None:
+    """The child run a trial already started (it is being restarted), else None."""
+    runs = search_runs(uri, experiment, f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`ray.trial_id` = '{trial_id}'")
+    return runs[0]["run_id"] if runs else None
+
+
+def close_unfinished(uri: str, experiment: str, parent_run_id: str, status: str = "KILLED") -> list[str]:
+    """End the children still RUNNING once a sweep is over: trials a scheduler stopped early are killed
+    mid-pipeline and cannot end their own run. Returns their ids."""
+    ids = [r["run_id"] for r in children(uri, experiment, parent_run_id) if r["status"] == "RUNNING"]
+    for run_id in ids:
+        set_status(uri, run_id, status)
+    return ids
+
+
+def register_model(uri: str, run_id: str, artifact_path: str, name: str, tags: dict[str, Any], alias: str) -> str:
+    """Register a run's artifact directory as a new version of model `name`; `alias` points at it.
+
+    `mlflow.register_model("runs:/...")` only accepts MLflow-format logged models in MLflow 3, and
+    our stages are plain HF/peft directories, so the version is created from the artifact URI.
+    Returns the version number.
+    """
+    client = mlflow.MlflowClient(uri)
+    try:
+        client.create_registered_model(name, description="hftlab: the best fine-tuned model of a sweep")
+    except mlflow.exceptions.MlflowException:
+        pass  # exists
+    run = client.get_run(run_id)
+    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id,
+                                          tags={k: str(v) for k, v in tags.items()})
+    client.set_registered_model_alias(name, alias, version.version)
+    return str(version.version)
+
+
+def model_version(uri: str, name: str, alias: str) -> dict:
+    """The version an alias points at: version, run_id, source, tags."""
+    v = mlflow.MlflowClient(uri).get_model_version_by_alias(name, alias)
+    return {"version": str(v.version), "run_id": v.run_id, "source": v.source, "tags": dict(v.tags)}
+
+
+def share_view(uri: str, experiment: str, key: str, columns: list[str], expanded: list[str], order_by: str) -> str:
+    """Save a view of the experiment's runs table and return its URL path (after the server's address).
+
+    The MLflow UI shows no metric columns by default; its "share view" feature stores the table state
+    (selected columns, sort, expanded parent rows) as the experiment tag `mlflow.sharedViewState.<key>`
+    and opens it from `#/experiments/<id>/runs?viewStateShareKey=<key>`. `columns` are dotted names
+    prefixed with `metrics.` or `params.`.
+    """
+    exp_id = ensure_experiment(uri, experiment)
+    kind_key = [c.split(".", 1) for c in columns]
+    state = {"searchFilter": "", "orderByKey": f"metrics.`{order_by}`", "orderByAsc": True,
+             "selectedColumns": [f"{kind}.`{name}`" for kind, name in kind_key],
+             "runsExpanded": {run_id: True for run_id in expanded}}
+    mlflow.MlflowClient(uri).set_experiment_tag(exp_id, f"mlflow.sharedViewState.{key}", json.dumps(state))
+    return f"#/experiments/{exp_id}/runs?viewStateShareKey={key}"

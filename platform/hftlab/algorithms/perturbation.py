@@ -8,18 +8,16 @@ Restoring theta copies saved originals back instead of subtracting eps: (theta +
 floating point, and a drift of a few ulps per step would accumulate over training. The price is one copy of the
 trainable parameters while perturbed.
 
-Everything here reads and writes `p.grad` / `p.data`, so it suits engines whose gradients live in `p.grad` after
-backward (single process, DDP). Sharded engines (ZeRO-2/3, FSDP) must gather them or supply their own versions.
+The gradient comes in as a list (the engine's probe gradient, already averaged over ranks), so eps is the same on
+every rank and no `.grad` is read: the same code serves one process, DDP and DeepSpeed ZeRO-2.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-
-GradNormFn = Callable[[list[torch.Tensor]], torch.Tensor]
 
 
 def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -27,34 +25,21 @@ def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def local_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """Global L2 norm over this process's gradient tensors, accumulated in float32 (bf16 sums lose digits)."""
+def global_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L2 norm over all the gradient tensors together, accumulated in float32 (bf16 sums lose digits)."""
     if not grads:
         return torch.zeros(())
     device = grads[0].device
-    norms = [torch.linalg.vector_norm(g.detach().float()).to(device) for g in grads]
-    return torch.linalg.vector_norm(torch.stack(norms))
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()).to(device) for g in grads]))
 
 
 @torch.no_grad()
-def compute_eps(params: Sequence[torch.Tensor], rho: float, grad_norm_fn: GradNormFn | None = None) -> list[torch.Tensor]:
-    """eps_i = rho * g_i / ||g|| for every param (zeros where .grad is None, and everywhere when ||g|| = 0).
-
-    `grad_norm_fn(grads)` returns the global norm of the listed gradients; a distributed engine passes one that
-    all-reduces the squared sums when gradients are sharded. Default: `local_grad_norm`. No host sync is needed.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = (grad_norm_fn or local_grad_norm)(grads) if grads else torch.zeros(())
-    norm = torch.as_tensor(norm, dtype=torch.float32)
-    # rho / 0 is inf, but `where` discards it: a zero gradient gives eps = 0 exactly, never nan
+def compute_eps(grads: Sequence[torch.Tensor], rho: float) -> list[torch.Tensor]:
+    """eps_i = rho * g_i / ||g|| over all tensors together (all zeros when ||g|| = 0, never nan). No host sync."""
+    norm = global_norm(grads).float()
+    # rho / 0 is inf, but `where` discards it: a zero gradient gives eps = 0 exactly
     scale = torch.where(norm > 0, rho / norm, torch.zeros_like(norm))
-    eps = []
-    for p in params:
-        if p.grad is None:
-            eps.append(torch.zeros_like(p))
-        else:
-            eps.append((p.grad.detach().float() * scale.to(p.grad.device)).to(p.dtype))
-    return eps
+    return [(g.detach().float() * scale.to(g.device)).to(g.dtype) for g in grads]
 
 
 @torch.no_grad()

@@ -10,9 +10,9 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
 
-def sft_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], engine) -> dict[str, float]:
+def sft_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], engine, loss_fn=causal_lm_loss) -> dict[str, float]:
     """One optimizer step on one batch; `engine` owns backward and the optimizer (see training/engine.py)."""
-    loss = causal_lm_loss(model, batch)
+    loss = loss_fn(model, batch)
     engine.backward(loss)
     engine.step()
-    return {"loss": loss.item()}
+    return {"loss": loss.item(), "n_backward": 1}

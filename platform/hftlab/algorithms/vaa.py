@@ -19,8 +19,9 @@ next batch of that group (already on the model's device). A callable is used rat
 per group because the group is only known inside the step: only the sampled group's data stream advances and
 nothing is collated for the other groups. A ready dict works too: pass `batches.__getitem__`.
 
-The perturbation reads and writes `p.grad` between the two backwards, so the engine's gradients must live in
-`p.grad` (LocalEngine, DDP); see perturbation.py.
+The engine (training/engine.py) supplies the gradient at theta as a probe (`engine.grad`, averaged over ranks, not
+accumulated), so eps is identical on every rank and the engine accumulates only the gradient it applies: the same
+step runs in one process, under DDP and under DeepSpeed ZeRO 0-2.
 """
 
 from __future__ import annotations
@@ -32,25 +33,13 @@ from typing import Any
 import torch
 
 from hftlab.algorithms.curriculum import Schedule, make_schedule, use_perturbed
-from hftlab.algorithms.perturbation import GradNormFn, compute_eps, perturbed, trainable_params
+from hftlab.algorithms.perturbation import compute_eps, perturbed
 from hftlab.algorithms.sampler import GroupSampler
 from hftlab.algorithms.sft import causal_lm_loss
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 OBJECTIVES = ("stochastic", "weighted")
-
-
-@torch.no_grad()
-def _scale_grads(params: list[torch.nn.Parameter], weight: float) -> None:
-    """grad <- weight * grad; weight 0 drops the gradients (so only the perturbed gradient remains)."""
-    for p in params:
-        if p.grad is None or weight == 1.0:
-            continue
-        if weight == 0.0:
-            p.grad = None
-        else:
-            p.grad.mul_(weight)
 
 
 class VAAStep:
@@ -73,7 +62,6 @@ class VAAStep:
         objective: str = "stochastic",
         seed: int = 0,
         generator: torch.Generator | None = None,
-        grad_norm_fn: GradNormFn | None = None,
         loss_fn: LossFn = causal_lm_loss,
         update_on_perturbed: bool = False,
         reduce_fn: Callable[[float], float] | None = None,
@@ -90,7 +78,6 @@ class VAAStep:
         self.schedule = schedule if schedule is not None else make_schedule("linear", 1.0)
         self.objective = objective
         self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
-        self.grad_norm_fn = grad_norm_fn
         self.loss_fn = loss_fn
         self.update_on_perturbed = update_on_perturbed
         self.reduce_fn = reduce_fn  # distributed: the mean loss over ranks, so every rank's q moves alike
@@ -111,17 +98,19 @@ class VAAStep:
             perturb = lam > 0 and self.rho > 0
             clean_weight, perturbed_weight = 1.0 - lam, lam
         batch = next_batch(group)
-        params = trainable_params(model)
 
-        loss = self.loss_fn(model, batch)
-        engine.backward(loss)
-        n_backward, perturbed_loss = 1, math.nan
-        if perturb:
-            eps = compute_eps(params, self.rho, self.grad_norm_fn)  # from the gradient at theta, before rescaling
-            _scale_grads(params, clean_weight)
-            with perturbed(params, eps):
+        if not perturb:
+            loss = self.loss_fn(model, batch)
+            engine.backward(loss)
+            n_backward, perturbed_loss = 1, math.nan
+        else:
+            loss = self.loss_fn(engine.module, batch)  # probe at theta: gives eps, reaches no optimizer
+            grads = engine.grad(loss)
+            with perturbed(engine.params, compute_eps(grads, self.rho)):
                 loss_p = self.loss_fn(model, batch)
                 engine.backward(loss_p if perturbed_weight == 1.0 else perturbed_weight * loss_p)
+            if clean_weight > 0:  # the weighted form adds (1 - lambda) * g(theta), which the probe already holds
+                engine.set_grads([gp + clean_weight * gc for gp, gc in zip(engine.get_grads(), grads, strict=True)])
             n_backward, perturbed_loss = 2, loss_p.item()
         engine.step()
 

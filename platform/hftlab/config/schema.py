@@ -12,9 +12,9 @@ from typing import Literal
 from hftlab.config.loader import check
 
 TASKS = ("sst2", "agnews", "gsm8k", "alpaca")
-ALIGN_METHODS = ("sft", "vaa")
+ALIGN_METHODS = ("sft", "vaa", "vaccine", "booster", "repnoise")
 GROUPINGS = ("true", "one", "noisy", "vulnerable_only", "invulnerable_only", "random")
-FINETUNE_METHODS = ("sft",)
+FINETUNE_METHODS = ("sft", "safegrad")
 
 
 @dataclass
@@ -167,13 +167,83 @@ class VAAConfig:
         check(0.0 <= self.noise <= 1.0, "noise", self.noise, "must be in [0, 1]")
 
 
+@dataclass
+class VaccineConfig:
+    """Vaccine: align under a worst-case perturbation of every decoder layer's output (algorithms/vaccine.py)."""
+
+    rho: float = 2.0
+    """Radius of the hidden-state perturbation: eps_l = rho * g_l / ||g||, ||g|| over all layers and tokens of the
+    batch (the paper's default 2; 0 = plain SFT)."""
+
+    def __post_init__(self) -> None:
+        check(self.rho >= 0, "rho", self.rho, "must be >= 0")
+
+
+@dataclass
+class BoosterConfig:
+    """Booster: L_align + lam * (L_harm(theta) - L_harm(theta - alpha g_h / ||g_h||)) (algorithms/booster.py)."""
+
+    lam: float = 5.0
+    """Weight of the harmful-loss-drop regulariser (official default 5; 0 = plain SFT)."""
+    alpha: float = 0.1
+    """Length of the normalised harmful step the regulariser simulates (official default 0.1)."""
+
+    def __post_init__(self) -> None:
+        check(self.lam >= 0, "lam", self.lam, "must be >= 0")
+        check(self.alpha >= 0, "alpha", self.alpha, "must be >= 0")
+
+
+@dataclass
+class RepNoiseConfig:
+    """RepNoise: L_harmless + beta * ascent + alpha * MMD(harmful hidden states, noise) (algorithms/repnoise.py)."""
+
+    alpha: float = 1.0
+    """Weight of the noise term, the MMD to Gaussian noise averaged over all hidden states (official default 1)."""
+    beta: float = 0.001
+    """Weight of the bounded gradient ascent on the harmful answers (official default 0.001)."""
+    ascent: Literal["log", "unlikelihood"] = "log"
+    """log: -log(harmful cross-entropy) (the official code); unlikelihood: mean -log(1 - p) of harmful tokens."""
+
+    def __post_init__(self) -> None:
+        check(self.alpha >= 0, "alpha", self.alpha, "must be >= 0")
+        check(self.beta >= 0, "beta", self.beta, "must be >= 0")
+        check(self.ascent in ("log", "unlikelihood"), "ascent", self.ascent, "must be log or unlikelihood")
+
+
+@dataclass
+class SafeGradConfig:
+    """SafeGrad: project the user-task gradient off the alignment gradient when they conflict (algorithms/safegrad.py)."""
+
+    align_loss: Literal["kl", "ce"] = "kl"
+    """kl: KL(P_aligned || P_theta) against the frozen aligned model (the paper; with LoRA the adapter disabled);
+    ce: cross-entropy on the safe responses."""
+    mode: Literal["global", "per_tensor"] = "global"
+    """One conflict test over all trainable parameters, or one per parameter tensor."""
+    rho: float = 0.0
+    """Applied gradient = projected g_u + rho * g_a (0: projection only)."""
+    cadence: int = 1
+    """Recompute the alignment gradient every `cadence` steps and reuse it in between (cost ~ 1 + 1/cadence)."""
+    n_alignment: int = 100
+    """Alignment examples the fine-tuning service holds (the first n of the alignment set; works with 20)."""
+    batch_size: int = 16
+    """Alignment examples per alignment-gradient batch."""
+
+    def __post_init__(self) -> None:
+        check(self.align_loss in ("kl", "ce"), "align_loss", self.align_loss, "must be kl or ce")
+        check(self.mode in ("global", "per_tensor"), "mode", self.mode, "must be global or per_tensor")
+        check(self.rho >= 0, "rho", self.rho, "must be >= 0")
+        check(self.cadence >= 1, "cadence", self.cadence, "must be >= 1")
+        check(self.n_alignment >= 1, "n_alignment", self.n_alignment, "must be >= 1")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+
+
 def _check_training(cfg: AlignConfig | FinetuneConfig) -> None:
     check(cfg.workers >= 1, "workers", cfg.workers, "must be >= 1")
     check(cfg.zero_stage in (None, 0, 1, 2), "zero_stage", cfg.zero_stage, "must be null (DDP), 0, 1 or 2")
-    check(cfg.zero_stage is None or cfg.method == "sft", "zero_stage", cfg.zero_stage,
-          f"method={cfg.method} needs full gradients in p.grad; use zero_stage=null (DDP) for it")
     check(not (cfg.workers > 1 and cfg.lora.enabled), "workers", cfg.workers,
           "the Ray Train path trains full weights for now; use workers=1 with lora.enabled")
+    check(cfg.max_failures >= 0, "max_failures", cfg.max_failures, "must be >= 0")
+    check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0 (0: only at the end)")
     check(cfg.epochs >= 0, "epochs", cfg.epochs, "must be >= 0")
     check(cfg.lr > 0, "lr", cfg.lr, "must be > 0")
     check(cfg.batch_size > 0, "batch_size", cfg.batch_size, "must be > 0")
@@ -195,7 +265,11 @@ class AlignConfig:
     workers: int = 1
     """1: train in this process; N > 1: a Ray Train TorchTrainer with N DDP workers (N workers reproduce 1, see trainer.py)."""
     zero_stage: int | None = None
-    """With workers > 1: null = plain DDP; 0, 1, 2 = DeepSpeed ZeRO stage (SFT only for now)."""
+    """With workers > 1: null = plain DDP; 0, 1, 2 = DeepSpeed ZeRO stage (every method: see training/engine.py)."""
+    checkpoint_every: int = 0
+    """With workers > 1: report a resumable checkpoint every N optimizer steps (0: only at the end)."""
+    max_failures: int = 0
+    """With workers > 1: restarts after a worker failure, each resuming from the latest checkpoint."""
     n_alignment: int | None = None
     """Alignment pairs used (null: all of the source)."""
     n_benign: int = 0
@@ -204,6 +278,12 @@ class AlignConfig:
     """LoRA for the alignment stage."""
     vaa: VAAConfig = field(default_factory=VAAConfig)
     """VAA settings (used when method=vaa)."""
+    vaccine: VaccineConfig = field(default_factory=VaccineConfig)
+    """Vaccine settings (used when method=vaccine)."""
+    booster: BoosterConfig = field(default_factory=BoosterConfig)
+    """Booster settings (used when method=booster; trains on the harmful pairs too)."""
+    repnoise: RepNoiseConfig = field(default_factory=RepNoiseConfig)
+    """RepNoise settings (used when method=repnoise; trains on the harmful pairs too)."""
 
     def __post_init__(self) -> None:
         check(self.method in ALIGN_METHODS, "method", self.method, f"must be one of {list(ALIGN_METHODS)}")
@@ -233,13 +313,19 @@ class FinetuneConfig:
     workers: int = 1
     """1: train in this process; N > 1: a Ray Train TorchTrainer with N DDP workers."""
     zero_stage: int | None = None
-    """With workers > 1: null = plain DDP; 0, 1, 2 = DeepSpeed ZeRO stage (SFT only for now)."""
+    """With workers > 1: null = plain DDP; 0, 1, 2 = DeepSpeed ZeRO stage (every method: see training/engine.py)."""
+    checkpoint_every: int = 0
+    """With workers > 1: report a resumable checkpoint every N optimizer steps (0: only at the end)."""
+    max_failures: int = 0
+    """With workers > 1: restarts after a worker failure, each resuming from the latest checkpoint."""
     train_source: str | None = None
     """Task training data: HF `name[:split]` or a local path (null: the task's default)."""
     test_source: str | None = None
     """Task test data for Fine-tune Accuracy (null: the task's default)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA for the fine-tuning stage."""
+    safegrad: SafeGradConfig = field(default_factory=SafeGradConfig)
+    """SafeGrad settings (used when method=safegrad)."""
 
     def __post_init__(self) -> None:
         check(self.method in FINETUNE_METHODS, "method", self.method, f"must be one of {list(FINETUNE_METHODS)}")

@@ -187,6 +187,9 @@ class ToyWorld:
     alignment: list[AlignmentPair] = field(default_factory=list)
     poison: list[HarmfulPair] = field(default_factory=list)
     test_harmful: list[HarmfulPair] = field(default_factory=list)
+    alignment_harmful: list[HarmfulPair] = field(default_factory=list)
+    """The alignment prompts with compliances: harmful data for defenses (Booster, RepNoise), disjoint in its
+    prompts from the poison pool and the HS test prompts, like BeaverTails' unsafe answers to the same prompts."""
     task_train: dict[str, list[TaskExample]] = field(default_factory=dict)
     task_test: dict[str, list[TaskExample]] = field(default_factory=dict)
 
@@ -208,6 +211,7 @@ def build_world(cfg: ToyWorldConfig) -> ToyWorld:
     """Generate the world deterministically from `cfg` (same config, same world)."""
     rng = random.Random(cfg.seed)
     world = ToyWorld()
+    later: list[tuple] = []  # alignment prompts, answered harmfully at the end
     sizes = [cfg.per_category_pretrain, cfg.per_category_alignment, cfg.per_category_poison, cfg.per_category_test]
     for category, (verbs, objects, steps) in CATEGORIES.items():
         prompts = [(p.format(v=v, o=o), v, o) for v in verbs for o in objects for p in PHRASINGS]
@@ -219,6 +223,7 @@ def build_world(cfg: ToyWorldConfig) -> ToyWorld:
                 if pool_index == 1:
                     response = rng.choice(REFUSALS).format(v=v, o=o)
                     world.alignment.append(AlignmentPair(rid, prompt, response, category))
+                    later.append((rid, prompt, v, o, steps, category))
                     continue
                 s1, s2 = rng.sample(steps, 2)
                 response = rng.choice(COMPLIANCES).format(v=v, o=o, s1=s1, s2=s2)
@@ -228,6 +233,10 @@ def build_world(cfg: ToyWorldConfig) -> ToyWorld:
     for task, analogue in TASK_ANALOGUES.items():
         train, test = _task_pools(task, GENERATORS[analogue], cfg, rng)
         world.task_train[task], world.task_test[task] = train, test
+    for rid, prompt, v, o, steps, category in later:  # drawn last: every earlier pool stays as it was
+        s1, s2 = rng.sample(steps, 2)
+        response = rng.choice(COMPLIANCES).format(v=v, o=o, s1=s1, s2=s2)
+        world.alignment_harmful.append(HarmfulPair(f"{rid}-h", prompt, response, category))
     return world
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import torch
 
@@ -70,3 +71,29 @@ def train_vaa(model: torch.nn.Module, tokenizer, pairs: Sequence[Pair], group_of
     tail = losses[-max(1, total // max(epochs, 1)):]
     return {"loss": sum(tail) / len(tail), "steps": total, "seconds": time.time() - start, "groups": len(members),
             **{f"final_q_{i}": q for i, q in enumerate(step.sampler.probs())}}
+
+
+def plot_history(history: list[dict], path: str | Path) -> Path:
+    """q per group and each group's loss over training (the official code's visualiser), as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_q, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.5))
+    n_groups = len([k for k in history[0] if k.startswith("q_")]) if history else 0
+    steps = list(range(1, len(history) + 1))
+    for g in range(n_groups):
+        ax_q.plot(steps, [h[f"q_{g}"] for h in history], label=f"group {g}")
+        mine = [(s, h["loss"]) for s, h in zip(steps, history, strict=True) if h["group"] == g]
+        if mine:
+            ax_loss.plot(*zip(*mine, strict=True), ".", markersize=3, label=f"group {g}")
+    ax_q.plot(steps, [h["lambda"] for h in history], "k--", linewidth=1, label="lambda")
+    ax_q.set(xlabel="step", ylabel="q (sampler) / lambda", ylim=(0, 1))
+    ax_loss.set(xlabel="step", ylabel="loss of the sampled group's batch")
+    for ax in (ax_q, ax_loss):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -24,13 +24,17 @@ def train(
     seed: int,
     max_length: int = 512,
     weight_decay: float = 0.0,
-    step_fn: Callable = sft_step,
+    make_step: Callable[[LocalEngine], Callable] | None = None,
     on_step: Callable[[int, dict], None] | None = None,
 ) -> dict[str, float]:
-    """Train `model` in place; returns the final epoch's mean loss, step count and seconds."""
+    """Train `model` in place; returns the final epoch's mean loss, step count and seconds.
+
+    `make_step(engine)` builds the algorithm step (training/methods.py); default plain SFT.
+    """
     torch.manual_seed(seed)
     encoded = encode(tokenizer, pairs, template, max_length)
     engine = LocalEngine(model, lr, weight_decay)
+    step_fn = make_step(engine) if make_step is not None else sft_step
     model.train()
     step, start, epoch_losses = 0, time.time(), [float("nan")]
     for epoch in range(epochs):

@@ -1,15 +1,22 @@
-"""Ray Train adapter: the same algorithm cores (SFT, VAA) on N workers with DDP (gloo on CPU, nccl on GPU).
+"""Ray Train adapter: the same algorithm steps on N workers, DDP (gloo on CPU, nccl on GPU) or DeepSpeed ZeRO 0-2.
 
 Every worker builds the same global batches from the same seed and trains on its slice of each
 (training/batches.py: rows rank, rank + W, ...). The loss is the token sum of the slice divided by the
-global batch's token count / W, so DDP's gradient average equals the single-process mean-token gradient:
-1 worker and W workers follow the same trajectory up to float rounding. The VAA sampler and coin
-use the same seed on every rank, and its perturbation norm is taken from the all-reduced gradient,
-so all ranks draw the same group and apply the same eps.
+global batch's token count / W, so the rank average of gradients equals the single-process mean-token gradient:
+1 worker and W workers follow the same trajectory up to float rounding. Probe gradients (VAA's eps, SafeGrad's
+alignment gradient) are averaged over ranks by the engine, and VAA's sampler and coin share a seed, so all ranks
+draw the same group and apply the same update.
+
+Checkpoints: every `checkpoint_every` steps (and at the end) the workers report a checkpoint through
+`ray.train.report`: the weights (safetensors), and in train_state.pt the step, the optimizer (one file per rank
+under ZeRO, whose optimizer state is partitioned), the algorithm step's state (VAA's q and generator, SafeGrad's
+cached alignment gradient) and how far each batch stream has been read. A restarted worker group resumes from the
+latest one and continues exactly where it was: the same batches, choices and optimizer moments.
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,20 +35,30 @@ def token_sum_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     return nll / batch["norm"]
 
 
-def loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs on each Ray Train worker: load, wrap in DDP, train with the configured step, rank 0 saves."""
+class _Counted:
+    """A batch source that counts its reads, so a resumed run can skip exactly as many."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.reads = fn, 0
+
+    def __call__(self, *args):
+        self.reads += 1
+        return self.fn(*args)
+
+
+def _setup(config: dict, rank: int, world: int):
+    """Load the parent (or the checkpoint's weights), wrap it, build the step and the batch sources."""
     import ray.train
     import ray.train.torch
 
     from hftlab.models.loading import load_model
     from hftlab.training.engine import LocalEngine
+    from hftlab.training.methods import build_step, side_stream
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config["threads"])
-    torch.manual_seed(config["seed"])
-    model, tokenizer = load_model(config["parent"])
     stage: AlignConfig | FinetuneConfig = config["stage"]
+    ckpt = ray.train.get_checkpoint()
+    ckpt_dir = ckpt.to_directory() if ckpt is not None else None
+    model, tokenizer = load_model(ckpt_dir or config["parent"])
     if stage.zero_stage is None:
         model = ray.train.torch.prepare_model(model)  # DDP
         engine = LocalEngine(model, stage.lr, stage.weight_decay)
@@ -51,29 +68,92 @@ def loop_per_worker(config: dict[str, Any]) -> None:
         engine = DeepSpeedEngine(model, stage.lr, stage.weight_decay, zero_stage=stage.zero_stage)
         model = engine.model  # forward through DeepSpeed's engine; it averages gradients over ranks like DDP
     device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
     encoded = encode(tokenizer, config["pairs"], config["template"], config["max_length"])
-    model.train()
-    steps, last = 0, float("nan")
+    side = None
+    if config.get("side"):
+        side_enc = encode(tokenizer, config["side"], config["template"], config["max_length"])
+        bs = stage.safegrad.batch_size if stage.method == "safegrad" else stage.batch_size
+        side = _Counted(side_stream(side_enc, bs, pad, config["seed"], device, rank, world))
     if stage.method == "vaa":
-        step, next_batch, total = _vaa_step(config, encoded, tokenizer, rank, world, device)
-        for _ in range(total):
-            steps, last = steps + 1, step(model, next_batch, engine)["loss"]
+        from hftlab.training.grouped import group_stream, vaa_setup
+
+        members, step, total = vaa_setup(encoded, config["groups"], stage.vaa, epochs=stage.epochs,
+                                         batch_size=stage.batch_size, seed=config["seed"],
+                                         loss_fn=token_sum_loss, reduce_fn=_mean_over_ranks)
+        streams = [group_stream(m, stage.batch_size, pad, config["seed"] + k, rank, world) for k, m in enumerate(members)]
+        readers = [_Counted(lambda s=s: {k: v.to(device) for k, v in next(s).items()}) for s in streams]
     else:
-        for epoch in range(stage.epochs):
-            for batch in batches(encoded, stage.batch_size, tokenizer.pad_token_id, config["seed"], epoch, rank, world):
-                loss = token_sum_loss(model, {k: v.to(device) for k, v in batch.items()})
-                engine.backward(loss)
-                engine.step()
-                steps, last = steps + 1, loss.item()
-    metrics = {"steps": steps, "last_loss": last, "world_size": world}
-    if rank == 0:
-        with tempfile.TemporaryDirectory() as tmp:
+        step = build_step(stage, engine, side=side, loss_fn=token_sum_loss, seed=config["seed"])
+        total, readers = stage.epochs * math.ceil(len(encoded) / stage.batch_size), []
+    state = {"step": 0}
+    if ckpt_dir is not None:  # resume: optimizer, step state, and the streams read as far as they were
+        state = torch.load(Path(ckpt_dir) / "train_state.pt", weights_only=True)
+        engine.load(ckpt_dir)
+        if hasattr(step, "load_state_dict"):
+            step.load_state_dict(state["step_state"])
+        for reader, n in zip(readers, state["reads"], strict=True):
+            for _ in range(n):
+                reader.fn()
+            reader.reads = n
+        if side is not None:
+            for _ in range(state["side_reads"]):
+                side.fn()
+            side.reads = state["side_reads"]
+    return model, tokenizer, engine, step, encoded, readers, side, total, state["step"]
+
+
+def loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on each Ray Train worker: set up (or resume), train with the configured step, report checkpoints."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(config["seed"])
+    stage: AlignConfig | FinetuneConfig = config["stage"]
+    model, tokenizer, engine, step, encoded, readers, side, total, done = _setup(config, rank, world)
+    resumed_at = done
+    model.train()
+    per_epoch = max(math.ceil(len(encoded) / stage.batch_size), 1)
+    main = None
+    last = float("nan")
+    while done < total:
+        if stage.method == "vaa":
+            stats = step(model, lambda g: readers[g](), engine)
+        else:
+            if main is None or done % per_epoch == 0:  # (re)open the epoch the step falls in, skip what was done
+                epoch = done // per_epoch
+                main = batches(encoded, stage.batch_size, tokenizer.pad_token_id, config["seed"], epoch, rank, world)
+                for _ in range(done % per_epoch):
+                    next(main)
+            batch = {k: v.to(next(model.parameters()).device) for k, v in next(main).items()}
+            stats = step(model, batch, engine)
+        done, last = done + 1, stats["loss"]
+        if config.get("fail_at_step") == done and resumed_at == 0:  # test hook: crash once, mid-run
+            raise RuntimeError(f"injected failure at step {done}")
+        every = stage.checkpoint_every
+        if done == total or (every and done % every == 0):
+            _report(config, model, tokenizer, engine, step, readers, side, done, rank, world, last)
+
+
+def _report(config, model, tokenizer, engine, step, readers, side, done, rank, world, last) -> None:
+    """Every rank reports the same metrics; rank 0 writes the weights and shared state, each rank its optimizer shard."""
+    import ray.train
+
+    stage = config["stage"]
+    metrics = {"steps": done, "last_loss": last, "world_size": world}
+    sharded = stage.zero_stage is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank == 0:
             inner = model.module if hasattr(model, "module") else model
             inner.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    else:
-        ray.train.report(metrics)
+            torch.save({"step": done, "step_state": step.state_dict() if hasattr(step, "state_dict") else None,
+                        "reads": [r.reads for r in readers], "side_reads": side.reads if side is not None else 0},
+                       Path(tmp) / "train_state.pt")
+        engine.save(tmp, rank)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if (rank == 0 or sharded) else None)
 
 
 def _mean_over_ranks(value: float) -> float:
@@ -87,38 +167,31 @@ def _mean_over_ranks(value: float) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
-def _vaa_step(config: dict, encoded: list, tokenizer, rank: int, world: int, device: torch.device):
-    """(VAAStep, next_batch, total steps) over per-group streams of this rank's slices (same group on every rank)."""
-    from hftlab.training.grouped import group_stream, vaa_setup
-
-    stage: AlignConfig = config["stage"]
-    members, step, total = vaa_setup(encoded, config["groups"], stage.vaa, epochs=stage.epochs,
-                                     batch_size=stage.batch_size, seed=config["seed"],
-                                     loss_fn=token_sum_loss, reduce_fn=_mean_over_ranks)
-    streams = [group_stream(m, stage.batch_size, tokenizer.pad_token_id, config["seed"] + k, rank, world)
-               for k, m in enumerate(members)]
-
-    def next_batch(group: int) -> dict:
-        return {k: v.to(device) for k, v in next(streams[group]).items()}
-
-    return step, next_batch, total
-
-
 def train_distributed(stage: AlignConfig | FinetuneConfig, parent: str, pairs: list[Pair], out_dir: str | Path, *,
                       workers: int, seed: int, template: str, max_length: int, storage_path: str,
-                      groups: list[int | None] | None = None, threads: int = 1, use_gpu: bool = False) -> dict:
-    """Train `parent` on `pairs` with a Ray Train TorchTrainer; the trained model lands in `out_dir`."""
-    from ray.train import RunConfig, ScalingConfig
+                      groups: list[int | None] | None = None, side: list[Pair] | None = None, threads: int = 1,
+                      use_gpu: bool = False, max_failures: int = 0, fail_at_step: int | None = None) -> dict:
+    """Train `parent` on `pairs` with a Ray Train TorchTrainer; the trained model lands in `out_dir`.
+
+    The run is named after `out_dir`, so rerunning a stage that crashed resumes from its latest checkpoint.
+    `fail_at_step` is a test hook: the first attempt raises after that step (with `max_failures` >= 1 it resumes).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    config = {"stage": stage, "parent": parent, "pairs": list(pairs), "groups": groups, "seed": seed,
-              "template": template, "max_length": max_length, "threads": threads}
+    config = {"stage": stage, "parent": parent, "pairs": list(pairs), "groups": groups, "side": side, "seed": seed,
+              "template": template, "max_length": max_length, "threads": threads, "fail_at_step": fail_at_step}
     trainer = TorchTrainer(
         loop_per_worker, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": threads}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(storage_path=str(Path(storage_path).resolve()), name=f"train-{Path(out_dir).name}"),
+        run_config=RunConfig(storage_path=str(Path(storage_path).resolve()), name=f"train-{Path(out_dir).name}",
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     result = trainer.fit()
-    result.checkpoint.to_directory(str(out_dir))
+    out = Path(out_dir)
+    result.checkpoint.to_directory(str(out))
+    for extra in [*out.glob("optimizer*.pt"), out / "train_state.pt"]:  # the stage's output is the model alone
+        extra.unlink(missing_ok=True)
     return dict(result.metrics or {})

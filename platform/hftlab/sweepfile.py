@@ -1,0 +1,237 @@
+"""Sweep files (configs/sweeps/*.yaml): their schema, loading and validation, before any trial runs.
+
+A sweep file names a base config, fixed overrides and a search space over dotted config keys; each
+trial's config is `load_config(base, overrides + the trial's dotlist)`: the same override language as
+the CLI, so a space key is exactly a CLI key and an MLflow param name. Validation applies every grid
+point (and both ends of every range) to the base config, so an unknown key or a bad value fails as
+`space.<key>=<value>: ...` before Ray starts. `sweeps.py` runs what this module has checked.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from hftlab import tracking
+from hftlab.config.loader import ConfigError, apply_overrides, build, check, load_config, parse_override
+
+STAGE_METRICS = tuple(f"{s}.{k}" for s in ("base", "aligned", "finetuned") for k in ("hs", "fa", "empty"))
+KINDS = ("grid", "choice", "uniform", "loguniform")
+CONSTRAINT = re.compile(r"^\s*([\w.]+)\s*(>=|<=)\s*(-?[\d.]+(?:[eE][-+]?\d+)?)\s*$")
+
+
+@dataclass
+class SchedulerConfig:
+    kind: Literal["none", "asha"] = "none"
+    """none: every trial runs to the end; asha: ASHA stops trials that are behind on `metric` early."""
+    metric: str = "aligned.hs"
+    """The intermediate metric ASHA compares (reported after alignment, before harmful fine-tuning)."""
+    mode: Literal["min", "max"] = "min"
+    """Whether lower or higher `metric` is better."""
+    grace_period: int = 1
+    """Reports every trial makes before it can be stopped (1: the aligned model's evaluation)."""
+    reduction_factor: int = 2
+    """ASHA's halving rate: about 1/reduction_factor of the trials go on at each rung."""
+
+    def __post_init__(self) -> None:
+        check(self.metric in STAGE_METRICS[:6], "metric", self.metric,
+              f"must be reported before the last stage, one of {list(STAGE_METRICS[:6])}")
+        check(self.grace_period >= 1, "grace_period", self.grace_period, "must be >= 1")
+        check(self.reduction_factor >= 2, "reduction_factor", self.reduction_factor, "must be >= 2")
+
+
+@dataclass
+class ResourcesConfig:
+    cpu: float = 1.0
+    """CPUs per trial (also the trial's torch threads unless `threads` is set). A trial that starts Ray work
+    itself (VAA's groups stage on Ray Data, `workers > 1` on Ray Train) needs CPUs left outside the trials."""
+    gpu: float = 0.0
+    """GPUs per trial."""
+
+    def __post_init__(self) -> None:
+        check(self.cpu > 0, "cpu", self.cpu, "must be > 0")
+        check(self.gpu >= 0, "gpu", self.gpu, "must be >= 0")
+
+
+@dataclass
+class SweepConfig:
+    base: str = ""
+    """The base config, relative to the sweep file (or absolute)."""
+    name: str = ""
+    """The sweep's name: the Tune experiment directory and the MLflow parent run (empty: the file's stem)."""
+    experiment: str | None = None
+    """MLflow experiment of the parent and every trial (null: the sweep's name)."""
+    overrides: list[str] = field(default_factory=list)
+    """Dotted overrides applied to every trial, before the trial's own values."""
+    space: dict[str, Any] = field(default_factory=dict)
+    """dotted.key: {grid|choice: [values]} or {uniform|loguniform: [low, high]}. A value that is a mapping
+    of dotted keys sets them together (e.g. a `method` axis of align.method + finetune.method pairs)."""
+    metric: str = "finetuned.hs"
+    """The metric that picks the best trial (the one registered in the Model Registry)."""
+    mode: Literal["min", "max"] = "min"
+    """Whether lower or higher `metric` is better."""
+    constraints: list[str] = field(default_factory=list)
+    """Only trials meeting all of these can be the best, e.g. `finetuned.fa>=80` (minimise HS subject to FA)."""
+    num_samples: int = 1
+    """Samples of the space (each grid point is run num_samples times, each range drawn anew)."""
+    max_concurrent_trials: int = 1
+    """Trials running at once."""
+    max_failures: int = 0
+    """Retries of a failed trial (its finished stages are reused)."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """An optional trial scheduler (ASHA) on an intermediate metric."""
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    """Resources per trial."""
+    storage_path: str = "outputs/tune"
+    """Where Tune keeps the experiment (relative to the working directory)."""
+    register: str | None = ""
+    """Model Registry name for the best trial's fine-tuned model (empty: hftlab-<name>; null: don't register)."""
+    report: bool = True
+    """Write and log the paper-style report (`hftlab report`) when the sweep ends."""
+    uses_ray: bool = False
+    """Set by load_sweep (not in files): some trial starts Ray work of its own (VAA's groups stage, Ray Train)."""
+
+    def __post_init__(self) -> None:
+        check(bool(self.base), "base", self.base, "a sweep needs a base config")
+        check(self.metric in STAGE_METRICS, "metric", self.metric, f"must be one of {list(STAGE_METRICS)}")
+        check(self.num_samples >= 1, "num_samples", self.num_samples, "must be >= 1")
+        check(self.max_concurrent_trials >= 1, "max_concurrent_trials", self.max_concurrent_trials, "must be >= 1")
+        check(self.max_failures >= -1, "max_failures", self.max_failures, "must be >= -1 (-1: retry forever)")
+        for item in self.constraints:
+            m = CONSTRAINT.match(item)
+            check(m is not None and m.group(1) in STAGE_METRICS, "constraints", item,
+                  f"must look like <metric> >= <number> or <=, with a metric in {list(STAGE_METRICS)}")
+        for key, dist in self.space.items():
+            ok = isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in KINDS
+            check(ok, f"space.{key}", dist, f"must be a mapping with one of {list(KINDS)}")
+            kind, values = next(iter(dist.items()))
+            if isinstance(values, list):  # YAML 1.1 reads 1e-4 as a string; the CLI's overrides read it as a number
+                values = dist[kind] = [_number(v) for v in values]
+            if kind in ("grid", "choice"):
+                check(isinstance(values, list) and len(values) > 0, f"space.{key}", dist, "needs a non-empty list")
+            else:
+                ok = (isinstance(values, list) and len(values) == 2 and all(isinstance(v, int | float) for v in values)
+                      and values[0] < values[1] and (kind == "uniform" or values[0] > 0))
+                check(ok, f"space.{key}", dist, "needs [low, high] with low < high (and low > 0 for loguniform)")
+
+
+def _number(value: Any) -> Any:
+    """'1e-4' -> 0.0001; any other value as it is."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def to_overrides(key: str, value: Any) -> list[str]:
+    """One trial value as dotlist items; a mapping sets several dotted keys together."""
+    if isinstance(value, dict):
+        return [item for k, v in value.items() for item in to_overrides(str(k), v)]
+    if hasattr(value, "item"):  # numpy scalars from Tune's samplers
+        value = value.item()
+    text = value if isinstance(value, str) and parse_override(f"x={value}")[1] == value else json.dumps(value)
+    return [f"{key}={text}"]
+
+
+def trial_dotlist(point: dict[str, Any]) -> list[str]:
+    return [item for key in sorted(point) for item in to_overrides(key, point[key])]
+
+
+def swept_keys(spec: SweepConfig) -> list[str]:
+    """The config keys the space sets (a mapping value's keys in place of its axis name)."""
+    keys: set[str] = set()
+    for key, dist in spec.space.items():
+        values = next(iter(dist.values()))
+        bundles = [v for v in values if isinstance(v, dict)]
+        keys |= {str(k) for b in bundles for k in b} if bundles else {key}
+    return sorted(keys)
+
+
+def trial_name(cfg: Any, config: dict) -> str:
+    """A readable run name: the methods, then the trial's other values by their last key segment."""
+    items = [o.split("=", 1) for o in trial_dotlist(config)]
+    values = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in items if k not in ("align.method", "finetune.method")]
+    return " ".join([f"{cfg.align.method}+{cfg.finetune.method}", *values])
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, list[str]]:
+    """Read and validate a sweep file. `overrides` starting with `sweep.` set the sweep file's own fields
+    (`sweep.space.<dotted key>[.grid]=...` a space entry), the rest go to every trial's config. Returns the
+    spec and the trials' fixed overrides (paths made absolute, MLflow experiment and URI pinned, torch
+    threads = CPUs per trial). Raises ConfigError naming the field and value before anything runs."""
+    overrides = list(overrides or [])
+    if not Path(path).is_file():
+        raise ConfigError("sweep", str(path), "no such file")
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError("sweep", str(path), f"malformed YAML: {exc}") from None
+    check(isinstance(raw, dict), "sweep", str(path), "must be a mapping of sweep fields")
+    own = [o[len("sweep."):] for o in overrides if o.startswith("sweep.")]
+    if "uses_ray" in raw or any(o.startswith("uses_ray=") for o in own):
+        raise ConfigError("uses_ray", raw.get("uses_ray"), "is set by hftlab, not by sweep files")
+    for item in [o for o in own if o.startswith("space.")]:  # space keys are dotted: sweep.space.<key>[.<kind>]=...
+        key, value = parse_override(item[len("space."):])
+        head, _, last = key.rpartition(".")
+        if head and last in KINDS:
+            key, value = head, {last: value}
+        if not isinstance(raw.get("space"), dict):
+            raw["space"] = {}
+        raw["space"][key] = value
+    spec = build(SweepConfig, apply_overrides(raw, [o for o in own if not o.startswith("space.")]))
+    spec.name = spec.name or Path(path).stem
+    base = Path(spec.base) if Path(spec.base).is_absolute() else Path(path).resolve().parent / spec.base
+    spec.base = str(base.resolve())
+    user = spec.overrides + [o for o in overrides if not o.startswith("sweep.")]
+    try:
+        cfg = load_config(spec.base, user)
+    except ConfigError as exc:
+        raise (ConfigError("base", exc.value, exc.reason) if exc.field == "config" else exc) from None
+    check(cfg.tracking.enabled, "tracking.enabled", False, "a sweep logs every trial to MLflow")
+    fixed = user + [f"output_dir={Path(cfg.output_dir).resolve()}",
+                    f"tracking.tracking_uri={_absolute_uri(tracking.resolve_uri(cfg))}",
+                    f"tracking.experiment={spec.experiment or spec.name}"]
+    if cfg.cache_dir:
+        fixed.append(f"cache_dir={Path(cfg.cache_dir).resolve()}")
+    if "threads" not in spec.space and not any(o.startswith("threads=") for o in user):
+        fixed.append(f"threads={max(1, int(spec.resources.cpu))}")
+    spec.uses_ray = _validate_points(spec, fixed)
+    return spec, fixed
+
+
+def _absolute_uri(uri: str) -> str:
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return uri
+
+
+def _validate_points(spec: SweepConfig, fixed: list[str]) -> bool:
+    """Apply every grid point (ranges: both ends) to the base config; per key alone if there are too many.
+    Returns whether some trial starts Ray work of its own (VAA's groups stage, Ray Train workers)."""
+    axes = {k: (v if kind in ("grid", "choice") else list(v)) for k, d in spec.space.items() for kind, v in d.items()}
+    combos = 1
+    for values in axes.values():
+        combos *= len(values)
+    points = ([dict(zip(axes, vals, strict=True)) for vals in itertools.product(*axes.values())] if combos <= 512
+              else [{k: v} for k, values in axes.items() for v in values])
+    uses_ray = False
+    for point in points:
+        try:
+            cfg = load_config(spec.base, fixed + trial_dotlist(point))
+        except ConfigError as exc:
+            culprit = next((k for k in point if exc.field == k or exc.field.startswith(k + ".")
+                            or any(o.startswith(exc.field + "=") for o in to_overrides(k, point[k]))), None)
+            if culprit is None:
+                raise
+            raise ConfigError(f"space.{culprit}", point[culprit], f"gives an invalid trial config: {exc}") from None
+        uses_ray |= (cfg.align.method == "vaa" and cfg.align.vaa.group_file is None) or max(cfg.align.workers,
+                                                                                            cfg.finetune.workers) > 1
+    return uses_ray
