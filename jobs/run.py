@@ -29,6 +29,8 @@ def main() -> int:
     ap.add_argument("--num-gpus", type=float, default=0.0, help="GPUs the pipeline task reserves on the cluster")
     ap.add_argument("--storage-path", default=os.environ.get("HFTLAB_STORAGE_PATH"),
                     help="shared storage root: output_dir becomes STORAGE/outputs (an explicit output_dir= override wins)")
+    ap.add_argument("--until", choices=["aligned", "finetuned"], default="finetuned",
+                    help="the last model to train and evaluate (jobs/align.py: aligned)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     storage = [f"output_dir={Path(args.storage_path) / 'outputs'}"] if args.storage_path else []
@@ -38,7 +40,7 @@ def main() -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     if not os.environ.get("RAY_ADDRESS"):
-        run(cfg)
+        run(cfg, until=args.until)
         return 0
     if not Path(cfg.output_dir).is_absolute():
         print(f"warning: output_dir={cfg.output_dir} is relative: it lands in this job's temporary copy of the working "
@@ -47,7 +49,7 @@ def main() -> int:
 
     ray.init()  # bare: the submitter's runtime_env (working_dir, env_vars) stays in force
     task = ray.remote(num_cpus=args.num_cpus, num_gpus=args.num_gpus)(run)
-    summary = ray.get(task.remote(cfg))
+    summary = ray.get(task.remote(cfg, until=args.until))
     print({k: summary.get(k) for k in ("base", "aligned", "finetuned", "run_id", "tracking_uri")})
     return 0
 

@@ -44,14 +44,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, proc, log_path: Path, what: str, timeout: float = 120) -> None:
+    """Poll `url`/health until it answers 200; raise with the log's tail if the process dies or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"{what} did not start: {Path(log_path).read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def stop_group(proc) -> None:
+    """SIGTERM the process group a test started (start_new_session=True), SIGKILL if it lingers: nothing else."""
+    import signal
+    import subprocess
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=20)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 @pytest.fixture
 def mlflow_server(tmp_path: Path):
     """A real `mlflow server` on 127.0.0.1 (SQLite backend, proxied artifacts); yields its URL."""
-    import signal
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -64,24 +96,10 @@ def mlflow_server(tmp_path: Path):
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # else it leaves a directory in /dev/shm
     )
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(tmp_path / 'mlflow-server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_healthy(url, proc, tmp_path / "mlflow-server.log", "mlflow server")
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc)
         log.close()
 
 

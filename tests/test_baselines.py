@@ -15,16 +15,9 @@ from hftlab.algorithms.repnoise import RepNoiseStep, mmd
 from hftlab.algorithms.sft import sft_step
 from hftlab.algorithms.vaccine import VaccineStep, find_layers
 from hftlab.training.engine import LocalEngine
+from tests.test_algorithms import SGDEngine
 
 VOCAB = 50
-
-
-class SGDEngine(LocalEngine):
-    """Plain SGD, so an update is exactly theta - lr * grad and the applied gradient can be read back."""
-
-    def __init__(self, model: torch.nn.Module, lr: float) -> None:
-        super().__init__(model, lr)
-        self.optimizer = torch.optim.SGD(self.params, lr=lr)
 
 
 def make_model(seed: int = 0) -> LlamaForCausalLM:

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,7 +23,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, stop_group, wait_healthy
 
 pytestmark = pytest.mark.slow
 # the smoke world with fewer training steps and eval prompts (the base model is the shared cached one)
@@ -44,27 +42,11 @@ def local_mlflow(tmp_path: Path) -> Iterator[str]:
                             stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"mlflow-server.sh did not start: {(tmp_path / 'mlflow.log').read_text()[-2000:]}")  # noqa: B904
-                time.sleep(0.5)
+        wait_healthy(url, proc, tmp_path / "mlflow.log", "mlflow-server.sh")
         assert _listen_addresses(port) <= {"127.0.0.1", "::ffff:127.0.0.1"}
         yield url
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=20)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_group(proc)
         log.close()
 
 

@@ -96,3 +96,10 @@ def test_job_entry_point_fails_before_any_work(tmp_path):
 def test_cli_config_prints_resolved_yaml(capsys):
     assert main(["config", str(QUICKSTART), "seed=3"]) == 0
     assert "seed: 3" in capsys.readouterr().out
+
+
+def test_align_job_is_the_pipeline_up_to_the_aligned_model_and_checks_first(tmp_path):
+    out = subprocess.run([sys.executable, "jobs/align.py", "--config", "configs/smoke.yaml", f"output_dir={tmp_path / 'out'}",
+                          "align.method=vaccine", "align.vaccine.rho=-1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "align.vaccine.rho=-1" in out.stderr
+    assert not (tmp_path / "out").exists()

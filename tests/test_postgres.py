@@ -14,11 +14,9 @@ import os
 import pwd
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -27,7 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, stop_group, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -99,29 +97,10 @@ def mlflow_on_postgres(postgres: str, tmp_path: Path) -> Iterator[dict]:
                             stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"serve.sh did not start: {(tmp_path / 'mlflow.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_healthy(url, proc, tmp_path / "mlflow.log", "serve.sh")
         yield {"url": url, "port": port, "admin": ("admin", admin_password), "postgres": postgres}
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)  # serve.sh leads its own group: it, mlflow and the uvicorn workers
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=20)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_group(proc)  # serve.sh leads its own group: it, mlflow and the uvicorn workers
         log.close()
 
 

@@ -236,15 +236,17 @@ def evaluate(cfg: Config, model_dir: str, p: Plan, judge) -> dict:
 
 
 def run(cfg: Config, log=print, *, parent_run_id: str | None = None, tags: dict | None = None,
-        run_id: str | None = None, run_name: str | None = None, on_stage=None) -> dict:
+        run_id: str | None = None, run_name: str | None = None, on_stage=None, until: str = "finetuned") -> dict:
     """Run the whole chain and return {stage: {hs, fa, empty}, run_id, tracking_uri}.
 
     Each model is evaluated as soon as it exists (base, aligned, then fine-tuned), and
     `on_stage(stage, summary_so_far)` is called after each: a sweep trial reports there, so a
     scheduler can stop a trial whose alignment already failed before it fine-tunes. `parent_run_id`,
     `tags`, `run_id` and `run_name` go to the Tracker (a sweep's child run; `run_id` continues a restarted
-    trial's run).
+    trial's run). `until="aligned"` stops after the aligned model's evaluation (jobs/align.py).
     """
+    if until not in ("aligned", "finetuned"):
+        raise ValueError(f"until must be 'aligned' or 'finetuned', got {until!r}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     start = time.time()
@@ -274,10 +276,11 @@ def run(cfg: Config, log=print, *, parent_run_id: str | None = None, tags: dict 
         dirs["aligned"] = train_stage(cfg, "align", dirs["base"], p.align_pairs, tracker, log, groups=groups,
                                       side=sides["align"])
         evaluated("aligned")
-        dirs["finetuned"] = train_stage(cfg, "finetune", dirs["aligned"], p.finetune_pairs, tracker, log,
-                                        side=sides["finetune"])
-        evaluated("finetuned")
-        for stage in ("aligned", "finetuned"):
+        if until == "finetuned":
+            dirs["finetuned"] = train_stage(cfg, "finetune", dirs["aligned"], p.finetune_pairs, tracker, log,
+                                            side=sides["finetune"])
+            evaluated("finetuned")
+        for stage in ("aligned", "finetuned")[: len(dirs) - 1]:
             tracker.artifact(dirs[stage], f"model/{stage}")
         tracker.metrics({"wall_seconds": time.time() - start})
         summary.update(run_id=tracker.run_id, tracking_uri=tracker.uri, dirs=dirs)
@@ -288,7 +291,7 @@ def run(cfg: Config, log=print, *, parent_run_id: str | None = None, tags: dict 
 def format_summary(cfg: Config, summary: dict) -> str:
     """The table a user reads at the end, and how to open the run in MLflow."""
     lines = [f"\n{'stage':<10} {'HS %':>7} {'FA % (' + cfg.finetune.task + ')':>14} {'empty %':>8}"]
-    for stage in STAGES:
+    for stage in [st for st in STAGES if st in summary]:
         s = summary[stage]
         lines.append(f"{stage:<10} {s['hs']:>7.1f} {s['fa']:>14.1f} {s['empty']:>8.1f}")
     if summary.get("run_id"):
