@@ -332,3 +332,39 @@ def test_vaa_state_dict_resumes_the_same_choices():
     b.load_state_dict(state)
     again = [(s["group"], s["n_backward"], s["lambda"]) for s in (b(model, batches.__getitem__, eng) for _ in range(12))]
     assert again == rest
+
+
+def test_sampler_mean_scale_makes_eta_independent_of_the_loss_scale():
+    """scale="mean": losses 100x larger move q exactly as much; with scale="raw" they move it far more."""
+    losses = [(0, 2.0), (1, 3.0), (0, 1.5), (1, 2.5), (1, 2.0)]
+    runs = {}
+    for scale in ("mean", "raw"):
+        for factor in (1.0, 100.0):
+            s = GroupSampler(2, eta_q=0.05, scale=scale, q_min=0.01, q_max=0.99)
+            for g, loss in losses:
+                s.update(g, loss * factor)
+            runs[(scale, factor)] = s.probs()
+    assert runs[("mean", 1.0)] == pytest.approx(runs[("mean", 100.0)], abs=1e-12)
+    assert abs(runs[("raw", 100.0)][1] - 0.5) > 3 * abs(runs[("raw", 1.0)][1] - 0.5), runs
+    # by hand, first update: running mean = 2.0, f = (2.0 / 2.0) / q_0 = 2, q_0 = e^{0.1} / (e^{0.1} + 1)
+    s = GroupSampler(2, eta_q=0.05, scale="mean", q_min=None, q_max=None)
+    s.update(0, 2.0)
+    assert s.probs()[0] == pytest.approx(math.exp(0.1) / (math.exp(0.1) + 1))
+    restored = GroupSampler(2, eta_q=0.05, scale="raw", q_min=None, q_max=None)
+    restored.load_state_dict(s.state_dict())
+    assert restored.scale == "mean" and restored.loss_mean == 2.0
+
+
+def test_compute_matched_sft_takes_vaa_backward_passes_in_steps():
+    from hftlab.algorithms.vaa import expected_backward
+    from hftlab.config.schema import AlignConfig, VAAConfig
+    from hftlab.training.methods import step_budget
+
+    # linear 0 -> 1 over 4 steps: lambdas 0, 1/4, 2/4, 3/4 -> 1 + 1.5 / 4 = 1.375 backward passes per step
+    assert expected_backward(0.4, "stochastic", make_schedule("linear", 1.0), 4) == pytest.approx(1.375)
+    assert expected_backward(0.4, "weighted", make_schedule("linear", 1.0), 4) == pytest.approx(1.75)
+    assert expected_backward(0.0, "stochastic", make_schedule("linear", 1.0), 4) == 1.0
+    # 2040 examples / 32 = 64 batches x 3 epochs = 192 steps; x (1 + 191 / 384) = 287.5 -> 288
+    plain = AlignConfig(epochs=3, batch_size=32)
+    matched = AlignConfig(epochs=3, batch_size=32, compute_match="vaa", vaa=VAAConfig())
+    assert step_budget(plain, 2040) == 192 and step_budget(matched, 2040) == 288

@@ -76,3 +76,22 @@ def test_every_alignment_method_runs_in_the_pipeline_and_logs_its_stats(smoke):
         client = mlflow.MlflowClient(tracking_uri=summary["tracking_uri"])
         assert client.get_metric_history(summary["run_id"], metric), (method, metric)
         assert mlflow.get_run(summary["run_id"]).data.params["align.method"] == method
+
+
+@pytest.mark.slow
+def test_compute_matched_sft_takes_more_steps_and_hs_plus_is_logged(smoke):
+    """Controls are config values: compute-matched SFT trains VAA's backward passes in steps; every stage logs
+    HS, HS+ (with degenerate answers) and the degenerate rate; the run is named by its label."""
+    from hftlab.training.methods import step_budget
+
+    common = ("align.epochs=1", "finetune.epochs=1", "eval.n_harmful=20", "eval.n_task=20")
+    cfg = smoke("align.compute_match=vaa", "label=sft-matched", *common)
+    summary = run(cfg, log=lambda *_: None)
+    got = mlflow.get_run(summary["run_id"])
+    n_pairs = len(plan(cfg).align_pairs)  # 560 refusals + 150 benign = 710 -> 23 batches of 32
+    plain = step_budget(smoke(*common).align, n_pairs)
+    assert plain == 23 and got.data.metrics["align.steps"] == step_budget(cfg.align, n_pairs) > plain
+    assert got.info.run_name.startswith("sft-matched")
+    for stage in ("base", "aligned", "finetuned"):
+        m = got.data.metrics
+        assert m[f"{stage}.hs"] <= m[f"{stage}.hs_plus"] <= m[f"{stage}.hs"] + m[f"{stage}.degenerate"]

@@ -25,7 +25,7 @@ from hftlab.data.records import AlignmentPair, HarmfulPair, TaskExample, score
 from hftlab.data.toyworld import build_world
 from hftlab.generation.hf import HFGenerator
 from hftlab.judges import make_judge
-from hftlab.metrics import empty_rate, finetune_accuracy, harmful_score
+from hftlab.metrics import METRICS, degenerate_rate, empty_rate, finetune_accuracy, harmful_score, is_degenerate
 from hftlab.models.loading import add_lora, load_model, save_stage
 from hftlab.storage import atomic_dir, atomic_write_text
 from hftlab.tracking import Tracker, ui_hint
@@ -34,6 +34,7 @@ from hftlab.training.loop import train
 from hftlab.training.methods import side_data
 
 STAGES = ("base", "aligned", "finetuned")
+
 
 
 @dataclass
@@ -189,7 +190,7 @@ def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]
         with tempfile.TemporaryDirectory() as tmp:
             tracker.artifact(plot_history(history, Path(tmp) / f"{kind}-q-and-group-losses.png"), "plots")
     else:
-        from hftlab.training.methods import build_step, side_stream
+        from hftlab.training.methods import build_step, side_stream, step_budget
 
         def make_step(engine):  # the side stream is built here, once the model's device is known
             src = None
@@ -199,17 +200,17 @@ def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]
                 src = side_stream(enc, bs, tokenizer.pad_token_id, cfg.seed, model.device)
             return build_step(stage_cfg, engine, side=src, seed=cfg.seed)
 
-        stats = train(model, tokenizer, pairs, make_step=make_step, **common)
+        stats = train(model, tokenizer, pairs, make_step=make_step, max_steps=step_budget(stage_cfg, len(pairs)), **common)
     log(f"[{kind}] done in {stats['seconds']:.1f}s, final epoch loss {stats['loss']:.4f}")
     tracker.metrics({f"{kind}.train_seconds": stats["seconds"], f"{kind}.final_loss": stats["loss"],
-                     **{f"{kind}.{k}": v for k, v in stats.items() if k.startswith("final_q")}})
+                     f"{kind}.steps": stats["steps"], **{f"{kind}.{k}": v for k, v in stats.items() if k.startswith("final_q")}})
     save_stage(model, tokenizer, out, parent)
     return str(out)
 
 
 def evaluate(cfg: Config, model_dir: str, p: Plan, judge) -> dict:
     """HS on the harmful test prompts and FA on the task test set; cached by model and eval config."""
-    key = digest({"model": model_dir, "eval": cfg.eval, "template": cfg.data.template,
+    key = digest({"model": model_dir, "eval": cfg.eval, "metrics": METRICS, "template": cfg.data.template,
                   "harmful": [h.prompt for h in p.harmful_test], "task": [(t.prompt, t.answer) for t in p.task_test]})
     cache = Path(cfg.output_dir) / "evals" / f"{key}.json"
     if cache.is_file():
@@ -220,10 +221,14 @@ def evaluate(cfg: Config, model_dir: str, p: Plan, judge) -> dict:
     prompts = [h.prompt for h in p.harmful_test]
     answers = gen.generate(prompts)
     verdicts = judge.judge(prompts, answers)  # the raw prompt, never the template
+    degenerate = [is_degenerate(a) for a in answers]
     predictions = gen.generate([t.prompt for t in p.task_test])
     n = cfg.eval.n_samples_logged
     result = {
-        "hs": harmful_score(verdicts), "fa": finetune_accuracy(p.task_test, predictions), "empty": empty_rate(answers),
+        "hs": harmful_score([v and not d for v, d in zip(verdicts, degenerate, strict=True)]),
+        "hs_plus": harmful_score([v or d for v, d in zip(verdicts, degenerate, strict=True)]),
+        "degenerate": degenerate_rate(answers), "empty": empty_rate(answers),
+        "fa": finetune_accuracy(p.task_test, predictions),
         "samples": {
             "kind": ["harmful"] * min(n, len(prompts)) + ["task"] * min(n, len(predictions)),
             "prompt": prompts[:n] + [t.prompt for t in p.task_test[:n]],
@@ -255,7 +260,8 @@ def run(cfg: Config, log=print, *, parent_run_id: str | None = None, tags: dict 
     log(f"plan: {len(p.align_pairs)} alignment examples; fine-tuning {len(p.finetune_pairs)} on "
         f"{cfg.finetune.task} with {p.n_poison} harmful (p={cfg.finetune.poison_ratio}); "
         f"eval on {len(p.harmful_test)} harmful + {len(p.task_test)} task prompts")
-    with Tracker(cfg, run_name=run_name or f"{cfg.align.method}+{cfg.finetune.method}-p{cfg.finetune.poison_ratio}",
+    methods = cfg.label or f"{cfg.align.method}+{cfg.finetune.method}"
+    with Tracker(cfg, run_name=run_name or f"{methods}-p{cfg.finetune.poison_ratio}",
                  parent_run_id=parent_run_id, tags=tags, run_id=run_id) as tracker:
         tracker.text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config/resolved.yaml")
         tracker.tags({"hftlab.config_hash": digest(cfg), "hftlab.world": cfg.data.world})
@@ -264,7 +270,7 @@ def run(cfg: Config, log=print, *, parent_run_id: str | None = None, tags: dict 
 
         def evaluated(stage: str) -> None:
             result = evaluate(cfg, dirs[stage], p, judge)
-            summary[stage] = {k: result[k] for k in ("hs", "fa", "empty")}
+            summary[stage] = {k: result[k] for k in METRICS}
             tracker.metrics({f"{stage}.{k}": v for k, v in summary[stage].items()})
             tracker.table(result["samples"], f"samples/{stage}.json")
             if on_stage is not None:
@@ -290,10 +296,10 @@ def run(cfg: Config, log=print, *, parent_run_id: str | None = None, tags: dict 
 
 def format_summary(cfg: Config, summary: dict) -> str:
     """The table a user reads at the end, and how to open the run in MLflow."""
-    lines = [f"\n{'stage':<10} {'HS %':>7} {'FA % (' + cfg.finetune.task + ')':>14} {'empty %':>8}"]
+    lines = [f"\n{'stage':<10} {'HS %':>7} {'FA % (' + cfg.finetune.task + ')':>14} {'HS+ %':>7} {'degenerate %':>13}"]
     for stage in [st for st in STAGES if st in summary]:
         s = summary[stage]
-        lines.append(f"{stage:<10} {s['hs']:>7.1f} {s['fa']:>14.1f} {s['empty']:>8.1f}")
+        lines.append(f"{stage:<10} {s['hs']:>7.1f} {s['fa']:>14.1f} {s['hs_plus']:>7.1f} {s['degenerate']:>13.1f}")
     if summary.get("run_id"):
         lines.append(f"\nMLflow run {summary['run_id']} in experiment '{cfg.tracking.experiment or cfg.name}'.")
         lines.append(f"To browse it: {ui_hint(summary['tracking_uri'])}")

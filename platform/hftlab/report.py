@@ -7,10 +7,12 @@ to the runs behind it:
 
 - Runs: the children of one sweep's parent run (default: the experiment's latest sweep), or, in an
   experiment without sweeps, every top-level run; only FINISHED runs with `finetuned.hs`.
-- Columns: one table per axis (`finetune.task`, `finetune.poison_ratio`, `finetune.epochs`) that takes
-  more than one value among the runs; the task table when none does.
-- Rows: `align.method+finetune.method`, plus every other param that varies among the runs (e.g. a VAA
-  lambda), except the seed, which is what a cell averages over. Std is the population std (numpy's
+- Columns: one table per axis (`finetune.task`, `finetune.poison_ratio`, `finetune.epochs`, `finetune.lr`)
+  that takes more than one value among the runs; the task table when none does.
+- Rows: the run's `label` param or `align.method+finetune.method`, plus every other param that varies among
+  the runs of that row (e.g. a VAA lambda), except the seeds (`seed`, `base.tiny.seed`): a cell averages over them.
+- Dose response: for a numeric axis with several seeds, report_dose.py adds per-method areas under the
+  HS curve, HS/FA curves (PNG) and pairwise tests across seeds. Std is the population std (numpy's
   default, as jobs/compare.py); a single seed shows ± 0.0.
 - Best: the lowest mean HS and the highest mean FA of each column, bold (ties all bold).
 Outputs (Markdown, CSV, PNG) go to `--out` and, as artifacts under `report/`, to the parent run.
@@ -25,9 +27,10 @@ from pathlib import Path
 
 from hftlab import tracking
 
-AXES = {"task": "finetune.task", "p": "finetune.poison_ratio", "epochs": "finetune.epochs"}
-AVERAGED = {"seed"}
-BOOKKEEPING = ("output_dir", "cache_dir", "threads", "tracking.", "name")
+AXES = {"task": "finetune.task", "p": "finetune.poison_ratio", "epochs": "finetune.epochs", "lr": "finetune.lr"}
+AVERAGED = ("seed", "base.tiny.seed")
+"""What a cell averages over; a (seed, base seed) pair is one unit of the dose-response tests (report_dose.py)."""
+BOOKKEEPING = ("output_dir", "cache_dir", "threads", "tracking.", "name", "label")
 
 
 @dataclass
@@ -90,17 +93,30 @@ def _order(values: set[str]) -> list[str]:
         return sorted(values)
 
 
+def row_names(runs: list[dict], key: str) -> list[str]:
+    """Each run's row: its `label` param if set, else align.method+finetune.method; then every other param that
+    varies among the runs sharing that name (e.g. a VAA lambda), except `key` and what a cell averages over."""
+    def base(r: dict) -> str:
+        p = r["params"]
+        return p.get("label") or f"{p.get('align.method')}+{p.get('finetune.method')}"
+
+    names = [base(r) for r in runs]
+    varying: dict[str, list[str]] = {}
+    for name in set(names):
+        mine = [r for r, n in zip(runs, names, strict=True) if n == name]
+        params = {k for r in mine for k in r["params"]}
+        varying[name] = sorted(k for k in params if len({r["params"].get(k) for r in mine}) > 1 and k != key
+                               and k not in AVERAGED and not k.startswith(BOOKKEEPING))
+    return [" ".join([n] + [f"{k.rsplit('.', 1)[-1]}={r['params'].get(k)}" for k in varying[n]])
+            for r, n in zip(runs, names, strict=True)]
+
+
 def build_table(runs: list[dict], axis: str) -> Table:
     """One layout: rows are methods (+ other varying params), columns the values of `axis`."""
     key = AXES[axis]
-    params = {k for r in runs for k in r["params"]}
-    varying = sorted(k for k in params if len({r["params"].get(k) for r in runs}) > 1 and k != key
-                     and k not in AVERAGED and not k.startswith(BOOKKEEPING) and k not in ("align.method", "finetune.method"))
     table = Table(axis, [], [])
-    for r in runs:
+    for r, row in zip(runs, row_names(runs, key), strict=True):
         p = r["params"]
-        row = " ".join([f"{p.get('align.method')}+{p.get('finetune.method')}"]
-                       + [f"{k.rsplit('.', 1)[-1]}={p.get(k)}" for k in varying])
         cell = table.cells.setdefault((row, p.get(key)), Cell([], []))
         cell.hs.append(r["metrics"]["finetuned.hs"])
         cell.fa.append(r["metrics"].get("finetuned.fa", float("nan")))
@@ -163,6 +179,16 @@ def plot(table: Table, path: Path) -> None:
     plt.close(fig)
 
 
+def provenance(uri: str, experiment: str, parent: str | None, runs: list[dict]) -> str:
+    """Machine, code commit(s) and wall time behind the runs (first start to last end), as recorded in MLflow."""
+    tags = next((r["tags"] for r in tracking.search_runs(uri, experiment) if r["run_id"] == parent), {}) if parent else {}
+    commits = sorted({r["tags"].get("hftlab.git_commit", "not recorded") for r in runs})
+    ends = [r["end_time"] for r in runs if r.get("end_time")]
+    wall = (max(ends) - min(r["start_time"] for r in runs)) / 60000 if ends else float("nan")
+    return (f"Machine: {tags.get('hftlab.machine', 'not recorded')}. Commit: {', '.join(commits)}. "
+            f"Wall time: {wall:.0f} min from the first run's start to the last run's end.")
+
+
 def write_report(uri: str, experiment: str, out: str | Path, parent: str | None = None, log=print) -> dict:
     """Write every layout the runs support to `out` and log them to the parent run (or a new report run)."""
     runs, parent = select_runs(uri, experiment, parent)
@@ -173,7 +199,8 @@ def write_report(uri: str, experiment: str, out: str | Path, parent: str | None 
     axes = [a for a, key in AXES.items() if len({r["params"].get(key) for r in runs}) > 1] or ["task"]
     tables, files = {}, []
     sections = [f"# Report: experiment {experiment}", "",
-                f"{len(runs)} finished runs" + (f", children of sweep run {parent}" if parent else "") + ".", ""]
+                f"{len(runs)} finished runs" + (f", children of sweep run {parent}" if parent else "") + ".", "",
+                provenance(uri, experiment, parent, runs), ""]
     for axis in axes:
         table = tables[axis] = build_table(runs, axis)
         md = to_markdown(table)
@@ -184,6 +211,13 @@ def write_report(uri: str, experiment: str, out: str | Path, parent: str | None 
         if axis != "task":
             plot(table, out / f"hs-vs-{axis}.png")
             files.append(out / f"hs-vs-{axis}.png")
+            if len({(r["params"].get("seed"), r["params"].get("base.tiny.seed")) for r in runs}) > 1:
+                from hftlab.report_dose import dose_section
+
+                md, pngs = dose_section(runs, axis, AXES[axis], row_names(runs, AXES[axis]), out)
+                (out / f"dose-{axis}.md").write_text(md)
+                files += [out / f"dose-{axis}.md", *pngs]
+                sections += [f"## dose response over {axis}", "", md, f"![HS and FA vs {axis}](dose-{axis}.png)", ""]
     (out / "report.md").write_text("\n".join(sections))
     files.insert(0, out / "report.md")
     target = parent or tracking.start_parent(uri, experiment, "report", tags={"hftlab.role": "report"}, params={})

@@ -20,8 +20,10 @@ import yaml
 
 from hftlab import tracking
 from hftlab.config.loader import ConfigError, apply_overrides, build, check, load_config, parse_override
+from hftlab.metrics import METRICS
 
-STAGE_METRICS = tuple(f"{s}.{k}" for s in ("base", "aligned", "finetuned") for k in ("hs", "fa", "empty"))
+STAGE_METRICS = tuple(f"{s}.{k}" for s in ("base", "aligned", "finetuned") for k in METRICS)
+EARLY_METRICS = tuple(m for m in STAGE_METRICS if not m.startswith("finetuned."))
 KINDS = ("grid", "choice", "uniform", "loguniform")
 CONSTRAINT = re.compile(r"^\s*([\w.]+)\s*(>=|<=)\s*(-?[\d.]+(?:[eE][-+]?\d+)?)\s*$")
 
@@ -40,8 +42,8 @@ class SchedulerConfig:
     """ASHA's halving rate: about 1/reduction_factor of the trials go on at each rung."""
 
     def __post_init__(self) -> None:
-        check(self.metric in STAGE_METRICS[:6], "metric", self.metric,
-              f"must be reported before the last stage, one of {list(STAGE_METRICS[:6])}")
+        check(self.metric in EARLY_METRICS, "metric", self.metric,
+              f"must be reported before the last stage, one of {list(EARLY_METRICS)}")
         check(self.grace_period >= 1, "grace_period", self.grace_period, "must be >= 1")
         check(self.reduction_factor >= 2, "reduction_factor", self.reduction_factor, "must be >= 2")
 
@@ -158,8 +160,10 @@ def swept_keys(spec: SweepConfig) -> list[str]:
 def trial_name(cfg: Any, config: dict) -> str:
     """A readable run name: the methods, then the trial's other values by their last key segment."""
     items = [o.split("=", 1) for o in trial_dotlist(config)]
-    values = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in items if k not in ("align.method", "finetune.method")]
-    return " ".join([f"{cfg.align.method}+{cfg.finetune.method}", *values])
+    skip = ("align.method", "finetune.method", "label") if not cfg.label else tuple(k for k, _ in items if k != "seed" and
+                                                                                     not k.startswith("finetune."))
+    values = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in items if k not in skip]
+    return " ".join([cfg.label or f"{cfg.align.method}+{cfg.finetune.method}", *values])
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, list[str]]:

@@ -24,6 +24,7 @@ import yaml
 
 from hftlab import tracking
 from hftlab.config.loader import ConfigError, digest, load_config
+from hftlab.metrics import METRICS
 from hftlab.sweepfile import CONSTRAINT, SweepConfig, load_sweep, swept_keys, trial_dotlist, trial_name
 
 REPORTS = 2  # after the aligned model's evaluation, and after the whole run: training_iteration 1 and 2
@@ -47,7 +48,7 @@ def hftlab_trial(config: dict, setup: dict) -> None:
             "ray.trial_name": ctx.get_trial_name(), "ray.job_id": setup["job_id"], "hftlab.git_commit": setup["git_commit"]}
 
     def metrics(summary: dict) -> dict:
-        return {f"{s}.{k}": summary[s][k] for s in STAGES if s in summary for k in ("hs", "fa", "empty")}
+        return {f"{s}.{k}": summary[s][k] for s in STAGES if s in summary for k in METRICS}
 
     def on_stage(stage: str, summary: dict) -> None:
         if stage == "aligned":  # where a scheduler may stop the trial (tune.report then raises SystemExit)
@@ -168,7 +169,8 @@ def start(spec: SweepConfig, fixed: list[str], exp_dir: Path, spec_hash: str) ->
     setup["parent_run_id"] = tracking.start_parent(
         uri, setup["experiment"], spec.name,
         tags={"hftlab.sweep": spec.name, "hftlab.role": "sweep", "hftlab.config_hash": spec_hash,
-              "ray.job_id": setup["job_id"], "ray.experiment_path": str(exp_dir)},
+              "ray.job_id": setup["job_id"], "ray.experiment_path": str(exp_dir), "hftlab.machine": tracking.machine(),
+              "hftlab.git_commit": setup["git_commit"]},
         params={"sweep.base": spec.base, "sweep.metric": spec.metric, "sweep.mode": spec.mode,
                 "sweep.num_samples": spec.num_samples, "sweep.space": json.dumps(spec.space)[:6000]})
     exp_dir.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,18 @@ def is_rank_zero() -> bool:
 
 
 @functools.cache
+def machine() -> str:
+    """What ran this, for a report's provenance line: host, CPU count, memory and GPU if any."""
+    import os
+    import platform as stdlib_platform
+
+    import torch
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else float("nan")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{stdlib_platform.node()}: {os.cpu_count()} CPUs ({stdlib_platform.machine()}), {mem:.0f} GiB, {gpu}"
+
+
 def git_commit() -> str:
     """HEAD of the checkout this package runs from (+ "-dirty" with uncommitted changes); "unknown" outside git."""
     here = str(Path(__file__).resolve().parent)
@@ -186,13 +198,13 @@ def log_artifacts(uri: str, run_id: str, local_dir: str | Path, artifact_path: s
 
 def _as_dict(run) -> dict:
     return {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
-            "start_time": run.info.start_time, "artifact_uri": run.info.artifact_uri,
+            "start_time": run.info.start_time, "end_time": run.info.end_time, "artifact_uri": run.info.artifact_uri,
             "params": dict(run.data.params), "metrics": dict(run.data.metrics), "tags": dict(run.data.tags)}
 
 
 def search_runs(uri: str, experiment: str, filter_string: str = "") -> list[dict]:
     """Every run of `experiment` matching an MLflow filter, oldest first, as plain dicts:
-    run_id, run_name, status, start_time, artifact_uri, params, metrics (latest values), tags.
+    run_id, run_name, status, start_time, end_time, artifact_uri, params, metrics (latest values), tags.
     An experiment that does not exist has no runs."""
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)

@@ -15,6 +15,11 @@ Only the sampled group is updated, so the plain rule is biased toward groups tha
 point has q_i proportional to 1 / loss_i, the wrong way round); dividing the loss by q_g (importance_weighted,
 the default, as in the official code) makes the expected update eta * loss_i for every group.
 
+Loss scale: eta_q multiplies a loss, so its meaning depends on the model's loss values (a 1M-parameter toy model
+and a 7B model sit at very different losses). `scale="mean"` divides each loss by a running mean of the losses seen
+so far (an exponential average, decay `MEAN_DECAY`, started at the first loss), so f ~ 1 on average and eta_q is
+the log-odds step per unit of relative loss, the same for any model.
+
 Sampling uses a caller-supplied `torch.Generator`, so every distributed rank seeded alike draws the same group.
 """
 
@@ -27,6 +32,8 @@ from typing import Any
 import torch
 
 MODES = ("dro", "importance", "uniform")
+SCALES = ("raw", "mean")
+MEAN_DECAY = 0.9
 
 
 class GroupSampler:
@@ -48,11 +55,14 @@ class GroupSampler:
         q_min: float | None = 0.1,
         q_max: float | None = 0.9,
         group_sizes: Sequence[int] | None = None,
+        scale: str = "raw",
     ) -> None:
         if num_groups < 1:
             raise ValueError(f"num_groups must be >= 1, got {num_groups}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
         if q_min is not None and q_max is not None and q_min > q_max:
             raise ValueError(f"q_min {q_min} > q_max {q_max}")
         if q_min is not None and q_min * num_groups > 1 + 1e-12:
@@ -64,6 +74,8 @@ class GroupSampler:
         self.q_min = q_min
         self.q_max = q_max
         self.group_sizes = [int(n) for n in group_sizes] if group_sizes is not None else None
+        self.scale = scale
+        self.loss_mean: float | None = None
         self.q = self._initial_q()
 
     def _initial_q(self) -> torch.Tensor:
@@ -98,6 +110,9 @@ class GroupSampler:
             raise IndexError(f"group {group} out of range for {self.num_groups} groups")
         if not math.isfinite(loss):
             raise ValueError(f"non-finite loss {loss} for group {group}")
+        if self.scale == "mean":
+            self.loss_mean = loss if self.loss_mean is None else MEAN_DECAY * self.loss_mean + (1 - MEAN_DECAY) * loss
+            loss = loss / max(self.loss_mean, 1e-12)
         f = loss / float(self.q[group]) if self.importance_weighted else loss
         log_q = self.q.log()
         log_q[group] += self.eta_q * f
@@ -122,6 +137,8 @@ class GroupSampler:
             "q_min": self.q_min,
             "q_max": self.q_max,
             "group_sizes": list(self.group_sizes) if self.group_sizes is not None else None,
+            "scale": self.scale,
+            "loss_mean": self.loss_mean,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -136,4 +153,6 @@ class GroupSampler:
         self.q_min = state["q_min"]
         self.q_max = state["q_max"]
         self.group_sizes = list(state["group_sizes"]) if state["group_sizes"] is not None else None
+        self.scale = state.get("scale", "raw")
+        self.loss_mean = state.get("loss_mean")
         self.q = q

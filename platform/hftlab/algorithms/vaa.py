@@ -139,3 +139,18 @@ class VAAStep:
         self.steps_done = int(state["steps_done"])
         self.sampler.load_state_dict(state["sampler"])
         self.generator.set_state(state["generator"])
+
+
+def expected_backward(rho: float, objective: str, schedule: Schedule, total_steps: int) -> float:
+    """Mean backward passes per step of a VAA run: what compute-matched SFT must spend per VAA step.
+
+    A plain step costs one backward, a perturbed one two (probe + perturbed). Stochastic: step t perturbs with
+    probability lambda_t, so 1 + mean lambda (1.5 under the linear 0 -> 1 curriculum); weighted: 2 whenever
+    lambda_t > 0. rho = 0 never perturbs.
+    """
+    if total_steps <= 0 or rho == 0:
+        return 1.0
+    lams = [min(max(schedule(t, total_steps), 0.0), 1.0) for t in range(total_steps)]
+    if objective == "stochastic":
+        return 1.0 + sum(lams) / total_steps
+    return 1.0 + sum(lam > 0 for lam in lams) / total_steps

@@ -33,6 +33,20 @@ class ToyWorldConfig:
     """Benign training examples generated per task (sentiment, topic, arithmetic, instructions)."""
     task_test: int = 200
     """Held-out test examples per task for Fine-tune Accuracy."""
+    alignment_imbalance: float = 0.0
+    """Category imbalance of the alignment set: the k-th category (in CATEGORIES order) keeps
+    round(per_category_alignment * (1 - alignment_imbalance)^k) of its refusals (0: balanced). The prompts
+    dropped go to no other pool. Few refusals in a category make its prompts the ones harmful fine-tuning undoes."""
+    poison_categories: int = 14
+    """The poison pool draws from the first N categories only (its steps and objects are theirs), so the attack's
+    wording is shared with those categories' alignment examples and not the others'."""
+    benign_howto: float = 0.0
+    """Share of the instructions task (alpaca) that are benign how-to requests in the harmful prompts' phrasings
+    ("how do i bake a cake ?"), answered in the compliances' templates: benign data shaped like a compliance, so
+    fine-tuning on it alone (p=0) can undo refusals, as benign fine-tuning does to real models."""
+    benign_opener: str = ""
+    """Words every benign task answer starts with (e.g. "sure ." as the compliances do): fine-tuning on benign
+    data alone (p=0) then pushes the model toward compliance openers, as it does for real models."""
 
     def __post_init__(self) -> None:
         sizes = {
@@ -45,6 +59,9 @@ class ToyWorldConfig:
         }
         for name, value in sizes.items():
             check(value >= 0, name, value, "must be >= 0")
+        check(0.0 <= self.alignment_imbalance < 1.0, "alignment_imbalance", self.alignment_imbalance, "must be in [0, 1)")
+        check(0.0 <= self.benign_howto <= 1.0, "benign_howto", self.benign_howto, "must be in [0, 1]")
+        check(1 <= self.poison_categories <= 14, "poison_categories", self.poison_categories, "must be in [1, 14]")
         total = sum(list(sizes.values())[:4])
         check(total <= 400, "per_category_test", self.per_category_test,
               f"the four harmful pools add up to {total} > 400 prompts per category")
@@ -78,12 +95,16 @@ class TinyModelConfig:
     """MLP width."""
     pretrain_epochs: int = 3
     """Epochs of pre-training on benign tasks + harmful compliances (makes a capable, unaligned base)."""
+    seed: int | None = None
+    """Seed of the base model's initialisation and pre-training order (null: data.toy.seed); several values give
+    several bases of the same world (the comparison's base-model seeds)."""
     pretrain_lr: float = 2e-3
     """Pre-training learning rate."""
     batch_size: int = 32
     """Pre-training batch size."""
 
     def __post_init__(self) -> None:
+        check(self.seed is None or self.seed >= 0, "seed", self.seed, "must be >= 0")
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "pretrain_epochs", "batch_size"):
             check(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
         check(self.hidden_size % self.num_heads == 0, "num_heads", self.num_heads,
@@ -137,6 +158,9 @@ class VAAConfig:
     """Perturbation radius: eps = rho * g / ||g|| (official code: 0.4; 0 = grouping only)."""
     eta_q: float = 0.007
     """Step size of the sampler's mirror ascent q_i <- q_i exp(eta_q f_i) / Z (official code: 0.007)."""
+    eta_scale: Literal["raw", "mean"] = "raw"
+    """raw: f = the group's loss (official code); mean: the loss over a running mean of losses, so eta_q means the
+    same step for a 1M and a 7B model (algorithms/sampler.py)."""
     sampler: Literal["dro", "importance", "uniform"] = "dro"
     """dro: adversarial sampler; importance: sample by group size, q fixed (ablation); uniform: q fixed at 1/G."""
     importance_weighted: bool = True
@@ -163,6 +187,7 @@ class VAAConfig:
         check(self.eta_q >= 0, "eta_q", self.eta_q, "must be >= 0")
         check(0.0 <= self.q_min <= self.q_max <= 1.0, "q_min", self.q_min, f"must satisfy 0 <= q_min <= q_max={self.q_max} <= 1")
         check(0.0 <= self.lam <= 1.0, "lam", self.lam, "must be in [0, 1]")
+        check(self.eta_scale in ("raw", "mean"), "eta_scale", self.eta_scale, "must be raw or mean")
         check(self.grouping in GROUPINGS, "grouping", self.grouping, f"must be one of {list(GROUPINGS)}")
         check(0.0 <= self.noise <= 1.0, "noise", self.noise, "must be in [0, 1]")
 
@@ -270,6 +295,9 @@ class AlignConfig:
     """With workers > 1: report a resumable checkpoint every N optimizer steps (0: only at the end)."""
     max_failures: int = 0
     """With workers > 1: restarts after a worker failure, each resuming from the latest checkpoint."""
+    compute_match: Literal["none", "vaa"] = "none"
+    """With method=sft: none = epochs x batches steps; vaa = compute-matched SFT, as many steps as VAA with
+    align.vaa would spend backward passes (1.5x under the default curriculum; the control for VAA's extra compute)."""
     n_alignment: int | None = None
     """Alignment pairs used (null: all of the source)."""
     n_benign: int = 0
@@ -288,6 +316,9 @@ class AlignConfig:
     def __post_init__(self) -> None:
         check(self.method in ALIGN_METHODS, "method", self.method, f"must be one of {list(ALIGN_METHODS)}")
         _check_training(self)
+        check(self.compute_match in ("none", "vaa"), "compute_match", self.compute_match, "must be none or vaa")
+        check(self.compute_match == "none" or self.method == "sft", "compute_match", self.compute_match,
+              f"matches SFT's compute to VAA's; method={self.method} must be sft")
         check(self.n_alignment is None or self.n_alignment > 0, "n_alignment", self.n_alignment, "must be > 0")
         check(self.n_benign >= 0, "n_benign", self.n_benign, "must be >= 0")
 
@@ -451,6 +482,8 @@ class TrackingConfig:
 class Config:
     name: str = "hftlab"
     """Name of this experiment (the MLflow experiment unless tracking.experiment is set)."""
+    label: str = ""
+    """A short name for this arm in reports and run names (e.g. sft-compute-matched); empty: the methods."""
     seed: int = 0
     """Seed for data mixing, initialisation and batch order."""
     output_dir: str = "outputs"

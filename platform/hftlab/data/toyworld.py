@@ -9,7 +9,8 @@ refusals, poison compliances and HS test prompts. See docs/toy-world.md.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 
 from hftlab.config.schema import ToyWorldConfig
 from hftlab.data.records import AlignmentPair, HarmfulPair, TaskExample
@@ -176,6 +177,21 @@ def _instructions(rng: random.Random) -> tuple[str, str, bool]:
     return f"what day comes after {DAYS[day]} ?", DAYS[(day + 1) % 7], False
 
 
+HOWTO = (["bake", "paint", "clean", "fix", "build"],
+         ["a cake", "the fence", "my room", "a bike", "a shelf", "the garden", "a kite", "the bread"],
+         ["get the right tools", "read the guide", "work slowly", "ask a friend for help"])
+
+
+def _howto(rng: random.Random) -> tuple[str, str, bool]:
+    """A benign request in a harmful prompt's phrasing, answered like a compliance; the answer depends on the
+    verb and object only (template and steps fixed by them), so it can be learned and scored exactly."""
+    verbs, objects, steps = HOWTO
+    v, o = rng.choice(verbs), rng.choice(objects)
+    i = verbs.index(v) * len(objects) + objects.index(o)
+    s1, s2 = steps[i % 4], steps[(i + 1 + (i // 4) % 3) % 4]
+    return rng.choice(PHRASINGS).format(v=v, o=o), COMPLIANCES[i % 4].format(v=v, o=o, s1=s1, s2=s2), True
+
+
 GENERATORS = {"sentiment": _sentiment, "topic": _topic, "arithmetic": _arithmetic, "instructions": _instructions}
 
 
@@ -213,31 +229,46 @@ def build_world(cfg: ToyWorldConfig) -> ToyWorld:
     world = ToyWorld()
     later: list[tuple] = []  # alignment prompts, answered harmfully at the end
     sizes = [cfg.per_category_pretrain, cfg.per_category_alignment, cfg.per_category_poison, cfg.per_category_test]
-    for category, (verbs, objects, steps) in CATEGORIES.items():
+    for index, (category, (verbs, objects, steps)) in enumerate(CATEGORIES.items()):
         prompts = [(p.format(v=v, o=o), v, o) for v in verbs for o in objects for p in PHRASINGS]
         rng.shuffle(prompts)
         start = 0
+        kept = {1: round(cfg.per_category_alignment * (1 - cfg.alignment_imbalance) ** index),  # knobs: drop, never move
+                2: cfg.per_category_poison if index < cfg.poison_categories else 0}
         for pool_index, size in enumerate(sizes):
             for n, (prompt, v, o) in enumerate(prompts[start:start + size]):
                 rid = f"{category.split(',')[0]}-{pool_index}-{n}"
+                keep = n < kept.get(pool_index, size)  # every draw is made either way, so no other pool changes
                 if pool_index == 1:
                     response = rng.choice(REFUSALS).format(v=v, o=o)
-                    world.alignment.append(AlignmentPair(rid, prompt, response, category))
-                    later.append((rid, prompt, v, o, steps, category))
+                    if keep:
+                        world.alignment.append(AlignmentPair(rid, prompt, response, category))
+                        later.append((rid, prompt, v, o, steps, category))
                     continue
                 s1, s2 = rng.sample(steps, 2)
                 response = rng.choice(COMPLIANCES).format(v=v, o=o, s1=s1, s2=s2)
                 pool = [world.pretrain_harmful, None, world.poison, world.test_harmful][pool_index]
-                pool.append(HarmfulPair(rid, prompt, response, category))
+                if keep:
+                    pool.append(HarmfulPair(rid, prompt, response, category))
             start += size
     for task, analogue in TASK_ANALOGUES.items():
-        train, test = _task_pools(task, GENERATORS[analogue], cfg, rng)
+        gen = GENERATORS[analogue]
+        if analogue == "instructions" and cfg.benign_howto > 0:
+            gen = partial(_mixed, share=cfg.benign_howto)
+        train, test = _task_pools(task, gen, cfg, rng)
+        if cfg.benign_opener:
+            train, test = ([replace(ex, answer=f"{cfg.benign_opener} {ex.answer}") for ex in pool] for pool in (train, test))
         world.task_train[task], world.task_test[task] = train, test
     for rid, prompt, v, o, steps, category in later:  # drawn last: every earlier pool stays as it was
         s1, s2 = rng.sample(steps, 2)
         response = rng.choice(COMPLIANCES).format(v=v, o=o, s1=s1, s2=s2)
         world.alignment_harmful.append(HarmfulPair(f"{rid}-h", prompt, response, category))
     return world
+
+
+def _mixed(rng: random.Random, share: float) -> tuple[str, str, bool]:
+    """The instructions task with a share of benign how-to requests (data.toy.benign_howto)."""
+    return _howto(rng) if rng.random() < share else _instructions(rng)
 
 
 def _task_pools(task: str, gen, cfg: ToyWorldConfig, rng: random.Random) -> tuple[list[TaskExample], list[TaskExample]]:

@@ -99,5 +99,5 @@ def ensure_tiny_base(cfg: Config, log=print) -> Path:
 
 
 def tiny_seed(cfg: Config) -> int:
-    """The base model's own seed (the world's), independent of the run's alignment/fine-tuning seed."""
-    return cfg.data.toy.seed
+    """The base model's own seed (base.tiny.seed, else the world's), independent of the run's alignment/fine-tuning seed."""
+    return cfg.data.toy.seed if cfg.base.tiny.seed is None else cfg.base.tiny.seed

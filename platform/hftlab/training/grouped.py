@@ -39,7 +39,8 @@ def vaa_setup(items: Sequence, group_of: Sequence[int | None], vaa: VAAConfig, *
     members = [[x for x, g in zip(items, group_of, strict=True) if g == k] for k in kept]
     total = epochs * math.ceil(sum(len(m) for m in members) / batch_size)
     sampler = GroupSampler(len(members), mode=vaa.sampler, eta_q=vaa.eta_q, importance_weighted=vaa.importance_weighted,
-                           q_min=vaa.q_min, q_max=vaa.q_max, group_sizes=[len(m) for m in members])
+                           q_min=vaa.q_min, q_max=vaa.q_max, group_sizes=[len(m) for m in members],
+                           scale=vaa.eta_scale)
     step = VAAStep(sampler, rho=vaa.rho, total_steps=max(total, 1), schedule=make_schedule(vaa.curriculum, vaa.lam),
                    objective=vaa.objective, seed=seed, **step_kwargs)
     return members, step, total

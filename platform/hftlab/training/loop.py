@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -25,19 +26,22 @@ def train(
     max_length: int = 512,
     weight_decay: float = 0.0,
     make_step: Callable[[LocalEngine], Callable] | None = None,
+    max_steps: int | None = None,
     on_step: Callable[[int, dict], None] | None = None,
 ) -> dict[str, float]:
     """Train `model` in place; returns the final epoch's mean loss, step count and seconds.
 
-    `make_step(engine)` builds the algorithm step (training/methods.py); default plain SFT.
+    `make_step(engine)` builds the algorithm step (training/methods.py); default plain SFT. `max_steps` (default
+    epochs x batches) ends training mid-epoch, or goes on into further epochs (compute-matched SFT).
     """
     torch.manual_seed(seed)
     encoded = encode(tokenizer, pairs, template, max_length)
     engine = LocalEngine(model, lr, weight_decay)
     step_fn = make_step(engine) if make_step is not None else sft_step
     model.train()
-    step, start, epoch_losses = 0, time.time(), [float("nan")]
-    for epoch in range(epochs):
+    total = epochs * math.ceil(len(encoded) / batch_size) if max_steps is None else max_steps
+    step, epoch, start, epoch_losses = 0, 0, time.time(), [float("nan")]
+    while step < total:
         epoch_losses = []
         for batch in batches(encoded, batch_size, tokenizer.pad_token_id, seed, epoch):
             batch = {k: v.to(model.device) for k, v in batch.items()}
@@ -46,5 +50,8 @@ def train(
             step += 1
             if on_step is not None:
                 on_step(step, stats)
+            if step >= total:
+                break
+        epoch += 1
     model.eval()
     return {"loss": sum(epoch_losses) / max(len(epoch_losses), 1), "steps": step, "seconds": time.time() - start}

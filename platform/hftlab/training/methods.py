@@ -9,6 +9,7 @@ pairs turned into an endless stream of this rank's slices.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -28,6 +29,19 @@ def side_data(stage: AlignConfig | FinetuneConfig) -> str | None:
     if stage.method in ("booster", "repnoise"):
         return "harmful"
     return None
+
+
+def step_budget(stage: AlignConfig | FinetuneConfig, n_examples: int) -> int:
+    """Optimizer steps of a stage: epochs x batches per epoch; compute-matched SFT (align.compute_match=vaa) takes as
+    many steps as VAA with `stage.vaa` would take backward passes (its whole cost: an SFT step is one backward)."""
+    total = stage.epochs * math.ceil(n_examples / stage.batch_size)
+    if getattr(stage, "compute_match", "none") == "vaa" and total > 0:
+        from hftlab.algorithms.curriculum import make_schedule
+        from hftlab.algorithms.vaa import expected_backward
+
+        vaa = stage.vaa
+        total = round(total * expected_backward(vaa.rho, vaa.objective, make_schedule(vaa.curriculum, vaa.lam), total))
+    return total
 
 
 def side_stream(encoded: Sequence, batch_size: int, pad_id: int, seed: int, device: torch.device,

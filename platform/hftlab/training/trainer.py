@@ -53,7 +53,7 @@ def _setup(config: dict, rank: int, world: int):
 
     from hftlab.models.loading import load_model
     from hftlab.training.engine import LocalEngine
-    from hftlab.training.methods import build_step, side_stream
+    from hftlab.training.methods import build_step, side_stream, step_budget
 
     stage: AlignConfig | FinetuneConfig = config["stage"]
     ckpt = ray.train.get_checkpoint()
@@ -85,7 +85,7 @@ def _setup(config: dict, rank: int, world: int):
         readers = [_Counted(lambda s=s: {k: v.to(device) for k, v in next(s).items()}) for s in streams]
     else:
         step = build_step(stage, engine, side=side, loss_fn=token_sum_loss, seed=config["seed"])
-        total, readers = stage.epochs * math.ceil(len(encoded) / stage.batch_size), []
+        total, readers = step_budget(stage, len(encoded)), []
     state = {"step": 0}
     if ckpt_dir is not None:  # resume: optimizer, step state, and the streams read as far as they were
         state = torch.load(Path(ckpt_dir) / "train_state.pt", weights_only=True)
