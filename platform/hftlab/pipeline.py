@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from hftlab.config.loader import ConfigError, digest, to_dict
-from hftlab.config.schema import Config
+from hftlab.config.schema import Config, VAAConfig
 from hftlab.data import sources
 from hftlab.data.mixing import finetune_mix
 from hftlab.data.records import AlignmentPair, HarmfulPair, TaskExample, score
@@ -121,8 +121,9 @@ def vaa_groups(cfg: Config, p: Plan, log=print) -> list[int | None]:
     if path is None:
         from hftlab.groups.stage import run_groups
 
-        # stage 1's proxy starts from the SFT-aligned model; its MLflow run would nest, so it logs nothing itself
-        sft = replace(cfg, align=replace(cfg.align, method="sft"), tracking=replace(cfg.tracking, enabled=False))
+        # stage 1's proxy starts from the SFT-aligned model (VAA's own settings reset, so every VAA variant of a
+        # seed shares one stage 1); its MLflow run would nest, so it logs nothing itself
+        sft = replace(cfg, align=replace(cfg.align, method="sft", vaa=VAAConfig()), tracking=replace(cfg.tracking, enabled=False))
         path = run_groups(sft, log)["group_file"]
     if not Path(path).is_file():
         raise ConfigError("align.vaa.group_file", path, "no such file")
