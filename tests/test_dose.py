@@ -86,3 +86,29 @@ def test_report_draws_curves_areas_and_tests(tmp_path):
     report = (out / "report.md").read_text()
     assert "## dose response over lr" in report
     assert "Machine: not recorded. Commit: not recorded. Wall time:" in report  # hand-made runs carry no such tags
+
+
+def test_report_of_one_setting_over_seeds_still_tests_the_methods(tmp_path):
+    """No axis varies (one task, one lr), several seeds: the report adds the per-method stats and pairwise tests."""
+    import mlflow
+
+    from hftlab import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = tracking.start_parent(uri, "abl", "abl", tags={"hftlab.role": "sweep"}, params={})
+    client = mlflow.MlflowClient(uri)
+    for label, values in {"vaa": (10.0, 20.0, 30.0), "one-group": (50.0, 60.0, 70.0)}.items():
+        for seed, h in enumerate(values):
+            run = client.create_run(tracking.experiment_id(uri, "abl"), tags={"mlflow.parentRunId": parent})
+            for k, v in {"label": label, "seed": str(seed), "finetune.lr": "4e-05", "finetune.task": "sst2"}.items():
+                client.log_param(run.info.run_id, k, v)
+            client.log_metric(run.info.run_id, "finetuned.hs", h)
+            client.log_metric(run.info.run_id, "finetuned.fa", 90.0)
+            client.set_terminated(run.info.run_id, "FINISHED")
+    out = tmp_path / "report"
+    assert main(["report", "abl", "--tracking-uri", uri, "--out", str(out)]) == 0
+    md = (out / "seeds.md").read_text()
+    assert md.startswith("HS (%) at finetune.lr=4e-05")
+    assert "| vaa | 3 | 20.0 ± 8.2 | 90.0 ± 0.0 | 20.0 ± 8.2 | - | - |" in md
+    # one-group - vaa = +40 on every seed
+    assert "| one-group | vaa | +40.0 |" in md and "[+40.0, +40.0] | 3 | **holds** |" in md

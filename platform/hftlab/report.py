@@ -218,6 +218,15 @@ def write_report(uri: str, experiment: str, out: str | Path, parent: str | None 
                 (out / f"dose-{axis}.md").write_text(md)
                 files += [out / f"dose-{axis}.md", *pngs]
                 sections += [f"## dose response over {axis}", "", md, f"![HS and FA vs {axis}](dose-{axis}.png)", ""]
+    units = {(r["params"].get("seed"), r["params"].get("base.tiny.seed")) for r in runs}
+    single = len({r["params"].get("finetune.task") for r in runs}) == 1 and all(AXES["lr"] in r["params"] for r in runs)
+    if axes == ["task"] and single and len(units) > 1:
+        from hftlab.report_dose import dose_section  # one setting, several seeds: the same per-method stats and tests
+
+        md, pngs = dose_section(runs, "lr", AXES["lr"], row_names(runs, AXES["lr"]), out)
+        (out / "seeds.md").write_text(md)
+        files += [out / "seeds.md", *pngs]
+        sections += ["## methods over seeds, with tests", "", md]
     (out / "report.md").write_text("\n".join(sections))
     files.insert(0, out / "report.md")
     target = parent or tracking.start_parent(uri, experiment, "report", tags={"hftlab.role": "report"}, params={})

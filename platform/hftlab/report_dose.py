@@ -46,8 +46,9 @@ def dose_section(runs: list[dict], axis: str, key: str, names: list[str], out: P
     hs_area = {r: areas(data[r], "finetuned.hs", log) for r in rows}
     fa_area = {r: areas(data[r], "finetuned.fa", log) for r in rows}
     xs = sorted({x for r in rows for c in data[r].values() for x in c})
-    lines = [f"HS-vs-{axis} areas: the mean HS (%) over {key} from {xs[0]:g} to {xs[-1]:g}"
-             f"{' on a log axis' if log else ''}, per seed unit (seed/base seed), then mean ± std over units.", "",
+    what = (f"HS-vs-{axis} areas: the mean HS (%) over {key} from {xs[0]:g} to {xs[-1]:g}{' on a log axis' if log else ''}"
+            if len(xs) > 1 else f"HS (%) at {key}={xs[0]:g} (the area of a one-point curve)")
+    lines = [f"{what}, per seed unit (seed/base seed), then mean ± std over units.", "",
              "| method | units | HS area | FA area | " + " | ".join(f"HS @{x:g}" for x in xs)
              + " | aligned HS | q vulnerable (end) |", "|---|" + "---|" * (len(xs) + 5)]
     for r in sorted(rows, key=lambda r: statistics.fmean(hs_area[r].values()) if hs_area[r] else 1e9):
