@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -206,3 +208,24 @@ def _kill_processes_with_token(token: str) -> None:
                 proc.kill()
         except (psutil.Error, OSError):
             pass
+
+
+@contextmanager
+def serve_script(script: Path, tmp_path: Path, **env_extra: str) -> Iterator[tuple[str, int]]:
+    """Run one of infra/'s MLflow server scripts as its own process group on a free port, with the script's default
+    host binding (MLFLOW_HOST unset: that binding is under test); yield (url, port) once healthy, stop the group after."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", MLFLOW_PORT=str(port),
+               **env_extra)
+    env.pop("MLFLOW_HOST", None)
+    with open(tmp_path / "mlflow.log", "w") as log:
+        proc = subprocess.Popen(["bash", str(script)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(url, proc, tmp_path / "mlflow.log", script.name)
+            yield url, port
+        finally:
+            stop_group(proc)  # the script leads its own group: it, mlflow and the server's workers

@@ -11,7 +11,6 @@ refuses requests without the cluster's token (ShadowRay, CVE-2023-48022).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import urllib.error
@@ -23,7 +22,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port, stop_group, wait_healthy
+from tests.conftest import REPO, serve_script
 
 pytestmark = pytest.mark.slow
 # the smoke world with fewer training steps and eval prompts (the base model is the shared cached one)
@@ -33,21 +32,9 @@ SMALLER = ("align.epochs=1", "finetune.epochs=1", "finetune.n=200", "eval.n_harm
 @pytest.fixture
 def local_mlflow(tmp_path: Path) -> Iterator[str]:
     """A real MLflow server started by infra/local/mlflow-server.sh (SQLite, proxied artifacts); yields its URL."""
-    port = free_port()
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", MLFLOW_PORT=str(port),
-               MLFLOW_HOME=str(tmp_path))
-    env.pop("MLFLOW_HOST", None)
-    log = open(tmp_path / "mlflow.log", "w")
-    proc = subprocess.Popen(["bash", str(REPO / "infra" / "local" / "mlflow-server.sh")], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc, tmp_path / "mlflow.log", "mlflow-server.sh")
+    with serve_script(REPO / "infra" / "local" / "mlflow-server.sh", tmp_path, MLFLOW_HOME=str(tmp_path)) as (url, port):
         assert _listen_addresses(port) <= {"127.0.0.1", "::ffff:127.0.0.1"}
         yield url
-    finally:
-        stop_group(proc)
-        log.close()
 
 
 def _listen_addresses(port: int) -> set[str]:

@@ -15,7 +15,6 @@ import pwd
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -25,7 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO, free_port, stop_group, wait_healthy
+from tests.conftest import REPO, free_port, serve_script
 
 pytestmark = pytest.mark.slow
 
@@ -86,22 +85,12 @@ def postgres() -> Iterator[str]:
 @pytest.fixture
 def mlflow_on_postgres(postgres: str, tmp_path: Path) -> Iterator[dict]:
     """infra/mlflow/serve.sh, as the Deployment runs it, on PostgreSQL; artifacts in a directory. Yields url + admin login."""
-    port, admin_password = free_port(), secrets.token_urlsafe(18)
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
-               MLFLOW_BACKEND_STORE_URI=f"{postgres}/mlflow", MLFLOW_AUTH_DATABASE_URI=f"{postgres}/mlflow_auth",
-               MLFLOW_ARTIFACTS_DESTINATION=str(tmp_path / "artifacts"), MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
-               MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16), MLFLOW_PORT=str(port), MLFLOW_WORKERS="1")
-    env.pop("MLFLOW_HOST", None)  # the default binding is what is under test
-    log = open(tmp_path / "mlflow.log", "w")
-    proc = subprocess.Popen(["bash", str(REPO / "infra" / "mlflow" / "serve.sh")], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc, tmp_path / "mlflow.log", "serve.sh")
+    admin_password = secrets.token_urlsafe(18)
+    with serve_script(REPO / "infra" / "mlflow" / "serve.sh", tmp_path,
+                      MLFLOW_BACKEND_STORE_URI=f"{postgres}/mlflow", MLFLOW_AUTH_DATABASE_URI=f"{postgres}/mlflow_auth",
+                      MLFLOW_ARTIFACTS_DESTINATION=str(tmp_path / "artifacts"), MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
+                      MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16), MLFLOW_WORKERS="1") as (url, port):
         yield {"url": url, "port": port, "admin": ("admin", admin_password), "postgres": postgres}
-    finally:
-        stop_group(proc)  # serve.sh leads its own group: it, mlflow and the uvicorn workers
-        log.close()
 
 
 def test_mlflow_server_on_postgres_with_auth(mlflow_on_postgres: dict, monkeypatch: pytest.MonkeyPatch,

@@ -179,9 +179,9 @@ def plot(table: Table, path: Path) -> None:
     plt.close(fig)
 
 
-def provenance(uri: str, experiment: str, parent: str | None, runs: list[dict]) -> str:
+def provenance(uri: str, parent: str | None, runs: list[dict]) -> str:
     """Machine, code commit(s) and wall time behind the runs (first start to last end), as recorded in MLflow."""
-    tags = next((r["tags"] for r in tracking.search_runs(uri, experiment) if r["run_id"] == parent), {}) if parent else {}
+    tags = tracking.get_run(uri, parent)["tags"] if parent else {}
     commits = sorted({r["tags"].get("hftlab.git_commit", "not recorded") for r in runs})
     ends = [r["end_time"] for r in runs if r.get("end_time")]
     wall = (max(ends) - min(r["start_time"] for r in runs)) / 60000 if ends else float("nan")
@@ -200,7 +200,7 @@ def write_report(uri: str, experiment: str, out: str | Path, parent: str | None 
     tables, files = {}, []
     sections = [f"# Report: experiment {experiment}", "",
                 f"{len(runs)} finished runs" + (f", children of sweep run {parent}" if parent else "") + ".", "",
-                provenance(uri, experiment, parent, runs), ""]
+                provenance(uri, parent, runs), ""]
     for axis in axes:
         table = tables[axis] = build_table(runs, axis)
         md = to_markdown(table)

@@ -160,9 +160,11 @@ def swept_keys(spec: SweepConfig) -> list[str]:
 def trial_name(cfg: Any, config: dict) -> str:
     """A readable run name: the methods, then the trial's other values by their last key segment."""
     items = [o.split("=", 1) for o in trial_dotlist(config)]
-    skip = ("align.method", "finetune.method", "label") if not cfg.label else tuple(k for k, _ in items if k != "seed" and
-                                                                                     not k.startswith("finetune."))
-    values = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in items if k not in skip]
+    if cfg.label:  # the label names the arm: only the seed and the fine-tuning values follow it
+        items = [(k, v) for k, v in items if k == "seed" or k.startswith("finetune.")]
+    else:
+        items = [(k, v) for k, v in items if k not in ("align.method", "finetune.method", "label")]
+    values = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in items]
     return " ".join([cfg.label or f"{cfg.align.method}+{cfg.finetune.method}", *values])
 
 

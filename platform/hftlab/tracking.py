@@ -202,6 +202,11 @@ def _as_dict(run) -> dict:
             "params": dict(run.data.params), "metrics": dict(run.data.metrics), "tags": dict(run.data.tags)}
 
 
+def get_run(uri: str, run_id: str) -> dict:
+    """One run as a plain dict (the fields of `search_runs`)."""
+    return _as_dict(mlflow.MlflowClient(uri).get_run(run_id))
+
+
 def search_runs(uri: str, experiment: str, filter_string: str = "") -> list[dict]:
     """Every run of `experiment` matching an MLflow filter, oldest first, as plain dicts:
     run_id, run_name, status, start_time, end_time, artifact_uri, params, metrics (latest values), tags.
