@@ -29,3 +29,22 @@ def test_overhead_bench_prints_one_json_line_of_ratios(tmp_path, tiny_cache):
     # SafeGrad: an alignment-gradient probe every step (k=1) or every 4th (k=4: 2, 1, 1, 1, 2, 1 over 6 steps)
     assert row["safegrad_k1_mean_backward"] == 2 and row["safegrad_k4_mean_backward"] == pytest.approx(8 / 6, abs=1e-3)
     assert row["safegrad_k1_vs_sft"] > row["safegrad_k4_vs_sft"] > 0
+
+
+@pytest.mark.slow
+def test_groups_bench_prints_one_json_line_of_rates(tmp_path, tiny_cache):
+    out = subprocess.run(
+        [sys.executable, "jobs/bench/groups.py", "--config", "configs/smoke.yaml", "--repeats", "1",
+         "--naive-examples", "8", f"cache_dir={tiny_cache}", f"output_dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1, out.stdout
+    row = json.loads(lines[0])
+    assert row["bench"] == "groups" and row["rounds"] == 1 and row["examples"] == 14 * 40
+    rates = ("naive_per_s", "ray_1_actor_per_s", "ray_2_actors_per_s")
+    assert all(row[k] > 0 for k in rates) and 0 < row["pool_start_2_actors_s"] < row["ray_2_actors_s"]
+    # the ratios are the rates' own, measured in this run
+    assert row["ray_2_actors_vs_naive"] == pytest.approx(row["ray_2_actors_per_s"] / row["naive_per_s"], abs=0.01)
+    assert row["two_vs_one_actor"] == pytest.approx(row["ray_2_actors_per_s"] / row["ray_1_actor_per_s"], abs=0.01)
+    assert row["two_vs_one_process_no_ray"] > 0 and row["engine_vs_hf_generate"] > 0 and row["past_start_two_vs_one_actor"] > 0
+    assert 0 < row["loss_score_vs_generation_cost"]

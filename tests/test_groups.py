@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -59,7 +60,8 @@ def test_groups_on_the_toy_world(smoke, ray_local):
     n_ex = len(groups)
     assert n_ex == 14 * 40  # the smoke world's alignment set
     # the matrix: every (checkpoint, example) once; ForgotNum recomputed from it equals the group file
-    matrix = pd.read_parquet(f"{summary['path']}/matrix-0")
+    matrix = pd.read_parquet(f"{summary['path']}/matrix.parquet")
+    assert set(matrix["proxy"]) == {0}
     n_ckpt = matrix["checkpoint"].nunique()
     assert n_ckpt == 1 + cfg.groups.proxies[0].epochs
     assert len(matrix) == n_ex * n_ckpt and not matrix.duplicated(["id", "checkpoint"]).any()
@@ -86,7 +88,9 @@ def test_killing_a_matrix_actor_loses_and_duplicates_no_row(smoke, ray_local, tm
     cfg = smoke("groups.batch_size=8", "groups.actors=2")
     base = base_model(cfg, log=lambda *_: None)
     examples = build_world(cfg.data.toy).alignment[:240]
-    checkpoints = [base, base, base]
+    # two proxy runs sharing checkpoint 0, as in the stage; copies, so each is a distinct model to answer
+    a, b, c = (str(shutil.copytree(base, tmp_path / name)) for name in "abc")
+    runs = [[a, b], [a, c]]
     killed: list[int] = []
     errors: list[BaseException] = []
     address = ray_local.get_runtime_context().gcs_address  # this session's cluster, even if others run
@@ -111,13 +115,14 @@ def test_killing_a_matrix_actor_loses_and_duplicates_no_row(smoke, ray_local, tm
 
     killer = threading.Thread(target=kill_one_busy_actor, daemon=True)
     killer.start()
-    matrix = build_matrix(cfg, examples, checkpoints, tmp_path / "matrix")
+    matrix = build_matrix(cfg, examples, runs, tmp_path / "matrix.parquet")
     killer.join(timeout=5)
     assert killed, f"the test never found a running matrix actor to kill ({errors})"
-    expected = {(e.id, t) for e in examples for t in range(len(checkpoints))}
-    got = list(zip(matrix["id"], matrix["checkpoint"], strict=True))
+    expected = {(k, t, e.id) for k in range(2) for t in range(2) for e in examples}
+    got = list(zip(matrix["proxy"], matrix["checkpoint"], matrix["id"], strict=True))
     assert len(got) == len(expected) and set(got) == expected  # none lost, none duplicated
-    # all three checkpoints are the same model: retried rows must carry the same answers as the others
-    answers = matrix.pivot(index="id", columns="checkpoint", values="answer")
-    assert (answers[0] == answers[1]).all() and (answers[0] == answers[2]).all()
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "matrix.parquet"), matrix, check_dtype=False)  # the whole matrix
+    # all three models are copies of one: retried rows must carry the same answers as the others
+    answers = matrix.pivot(index="id", columns=["proxy", "checkpoint"], values="answer")
+    assert all((answers[col] == answers[(0, 0)]).all() for col in answers.columns)
     assert set(matrix["hs"].unique()) <= {0, 1} and (matrix["answer"].str.len() > 0).all()

@@ -1,6 +1,14 @@
-"""Batched greedy HF `generate` with left padding and a KV cache."""
+"""Batched greedy decoding for any HF causal LM: left padding, a KV cache, finished rows dropped.
+
+HF `generate` keeps every row of a batch until the longest answer ends. Here a row leaves the
+batch (and the KV cache) at its end-of-sequence token, so a batch costs the tokens its answers
+really have. Faster than `generate` (`jobs/bench/groups.py` prints the ratio), with the same greedy
+answers (tests/test_models.py checks them against `model.generate`).
+"""
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from tqdm.auto import tqdm
@@ -16,6 +24,7 @@ class HFGenerator:
         self.model, self.tokenizer = model, tokenizer
         self.template, self.max_new_tokens, self.batch_size = template, max_new_tokens, batch_size
         self.progress = progress
+        self.last_logit_only = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @torch.no_grad()
     def generate(self, instructions: list[str]) -> list[str]:
@@ -27,13 +36,39 @@ class HFGenerator:
         starts = range(0, len(order), self.batch_size)
         for start in tqdm(starts, desc="generate", disable=not self.progress, leave=False):
             idx = order[start : start + self.batch_size]
-            enc = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True)
-            enc = {k: v.to(self.model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            out = self.model.generate(
-                **enc, do_sample=False, max_new_tokens=self.max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-            )
-            new_tokens = out[:, enc["input_ids"].shape[1] :]
-            for i, text in zip(idx, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
-                answers[i] = text.strip()
+            for i, text in zip(idx, self.greedy([texts[i] for i in idx]), strict=True):
+                answers[i] = text
         return answers
+
+    @torch.inference_mode()
+    def greedy(self, texts: list[str]) -> list[str]:
+        """One batch: prefill, then one token per step for the rows that have not ended yet."""
+        steps = self.max_new_tokens
+        if steps <= 0:
+            return [""] * len(texts)
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True)
+        ids, mask = enc["input_ids"].to(self.model.device), enc["attention_mask"].to(self.model.device)
+        n, width = ids.shape
+        full_mask = torch.cat([mask, mask.new_ones(n, steps)], dim=1)  # sliced per step, never re-grown
+        extra = {"logits_to_keep": 1} if self.last_logit_only else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                         use_cache=True, **extra)
+        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+        position = mask.sum(-1, keepdim=True) - 1
+        rows = torch.arange(n, device=ids.device)
+        answers = torch.full((n, steps), self.tokenizer.pad_token_id, dtype=torch.long, device=ids.device)
+        for step in range(steps):
+            answers[rows, step] = token
+            alive = token != self.tokenizer.eos_token_id
+            n_alive = int(alive.sum())
+            if step == steps - 1 or n_alive == 0:
+                break
+            if n_alive < len(rows):  # drop the ended rows, from the cache too
+                keep = alive.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                full_mask, token, rows, position = full_mask[keep], token[keep], rows[keep], position[keep]
+            position = position + 1
+            out = self.model(input_ids=token[:, None], attention_mask=full_mask[:, : width + step + 1],
+                             position_ids=position, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1].argmax(-1)
+        return [t.strip() for t in self.tokenizer.batch_decode(answers, skip_special_tokens=True)]

@@ -53,15 +53,13 @@ def run_groups(cfg: Config, log=print) -> dict:
 
 
 def _estimate(cfg: Config, p, aligned: str, tmp: Path, log) -> None:
-    per_proxy, matrix_seconds = [], 0.0
-    for k, proxy in enumerate(cfg.groups.proxies):
-        checkpoints = run_proxy(cfg, proxy, aligned, p.proxy_tasks[proxy.task], p.harmful, log)
-        start = time.time()
-        matrix = build_matrix(cfg, p.alignment, checkpoints, tmp / f"matrix-{k}")
-        matrix_seconds += time.time() - start
-        log(f"[groups] proxy {k}: matrix {len(matrix)} rows ({len(checkpoints)} checkpoints) "
-            f"in {time.time() - start:.1f}s")
-        per_proxy.append(forgot_num(matrix))
+    runs = [run_proxy(cfg, proxy, aligned, p.proxy_tasks[proxy.task], p.harmful, log) for proxy in cfg.groups.proxies]
+    start = time.time()
+    matrix = build_matrix(cfg, p.alignment, runs, tmp / "matrix.parquet")  # one actor pool for every proxy
+    matrix_seconds = time.time() - start
+    log(f"[groups] matrix {len(matrix)} rows ({len(runs)} proxies, {sum(map(len, runs))} checkpoints) "
+        f"in {matrix_seconds:.1f}s")
+    per_proxy = [forgot_num(matrix[matrix["proxy"] == k]) for k in range(len(runs))]
     groups = aggregate(per_proxy, cfg.groups.rule, cfg.groups.at_least)
     categories = pd.Series({a.id: a.category for a in p.alignment})
     groups["category"] = categories.reindex(groups.index)
