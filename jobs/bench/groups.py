@@ -42,6 +42,15 @@ from hftlab.pipeline import base_model, plan, train_stage  # noqa: E402
 from hftlab.tracking import Tracker  # noqa: E402
 
 
+def reference_generate(model, tok, texts: list[str], max_new_tokens: int) -> list[str]:
+    """The reference code's decoding: HF `generate`, greedy, on left-padded texts already in the template."""
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True)
+    out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return [t.strip() for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+
 def naive(cfg, examples, checkpoints) -> float:
     """Examples judged per second, one at a time, model reloaded per checkpoint."""
     judge = make_judge(cfg.eval.judge)
@@ -49,11 +58,8 @@ def naive(cfg, examples, checkpoints) -> float:
     for path in checkpoints:
         model, tok = load_model(path)
         for ex in examples:
-            enc = tok(prompt_text(ex.prompt, cfg.data.template), return_tensors="pt")
-            out = model.generate(**enc, do_sample=False, max_new_tokens=cfg.eval.max_new_tokens,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            answer = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-            judge.judge([ex.prompt], [answer])
+            answers = reference_generate(model, tok, [prompt_text(ex.prompt, cfg.data.template)], cfg.eval.max_new_tokens)
+            judge.judge([ex.prompt], answers)
     return len(examples) * len(checkpoints) / (time.perf_counter() - start)
 
 
@@ -105,13 +111,10 @@ def engine_vs_hf_generate(cfg, prompts: list[str], path: str) -> float:
                        batch_size=cfg.eval.batch_size, progress=False)
     texts = sorted((prompt_text(p, cfg.data.template) for p in prompts), key=len)
     batches = [texts[i : i + cfg.eval.batch_size] for i in range(0, len(texts), cfg.eval.batch_size)]
-    tok.padding_side = "left"
 
     def hf() -> None:
         for batch in batches:
-            enc = tok(batch, return_tensors="pt", padding=True)
-            model.generate(**enc, do_sample=False, max_new_tokens=cfg.eval.max_new_tokens,
-                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            reference_generate(model, tok, batch, cfg.eval.max_new_tokens)
 
     def engine() -> None:
         for batch in batches:

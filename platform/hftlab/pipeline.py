@@ -36,7 +36,6 @@ from hftlab.training.methods import side_data
 STAGES = ("base", "aligned", "finetuned")
 
 
-
 @dataclass
 class Plan:
     """Everything the run will train on and evaluate, loaded and checked up front."""

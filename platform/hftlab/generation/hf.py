@@ -26,7 +26,6 @@ class HFGenerator:
         self.progress = progress
         self.last_logit_only = "logits_to_keep" in inspect.signature(model.forward).parameters
 
-    @torch.no_grad()
     def generate(self, instructions: list[str]) -> list[str]:
         texts = [prompt_text(i, self.template) for i in instructions]
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))

@@ -110,8 +110,8 @@ def build_matrix(cfg: Config, examples: list[AlignmentPair], runs: list[list[str
 
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True, log_to_driver=False)
-    models = list(dict.fromkeys(path for run in runs for path in run))  # each distinct model answers once
-    g, rows = cfg.groups, matrix_rows(examples, models)
+    model_of = {path: m for m, path in enumerate(dict.fromkeys(p for run in runs for p in run))}  # each distinct model once
+    g, rows = cfg.groups, matrix_rows(examples, list(model_of))
     # about one batch per block: work is handed out in small pieces, so no actor idles at the end
     ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / g.batch_size)))
     # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a dead actor comes back
@@ -122,7 +122,7 @@ def build_matrix(cfg: Config, examples: list[AlignmentPair], runs: list[list[str
         num_gpus=g.gpus_per_actor or None,
     )
     answered = ds.to_pandas()
-    where = pd.DataFrame([(k, t, models.index(path)) for k, run in enumerate(runs) for t, path in enumerate(run)],
+    where = pd.DataFrame([(k, t, model_of[path]) for k, run in enumerate(runs) for t, path in enumerate(run)],
                          columns=["proxy", "checkpoint", "model"])
     matrix = where.merge(answered, on="model")[COLUMNS].sort_values(["proxy", "checkpoint", "id"]).reset_index(drop=True)
     out_path = Path(out_path)
