@@ -13,6 +13,8 @@ transformers, then the first model load) is inside them. That start is also meas
 as the wall time of a matrix of one batch per actor, and the rates past it are reported beside the
 end-to-end ones (rows beyond the start run / seconds beyond it): what a larger matrix tends to. So is
 the machine's own ceiling for 2 vs 1 actors: two plain processes generating at once vs one, no Ray.
+And what hftlab's allocator setting (allocator.py, on in every hftlab process) is worth: one plain
+process generating with it vs one without, the medians of --repeats interleaved pairs.
 Rounds are interleaved (--repeats) and the medians reported. Also: the cost of the generation-free
 loss score vs generating and judging, in-process.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -31,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "platform"))
 
 import torch  # noqa: E402
 
+from hftlab.allocator import FREED_MEMORY_ENV  # noqa: E402
 from hftlab.config import load_config  # noqa: E402
 from hftlab.data.template import prompt_text  # noqa: E402
 from hftlab.generation.hf import HFGenerator  # noqa: E402
@@ -84,24 +88,29 @@ def _generate_alone(path: str, template: str, max_new_tokens: int, batch_size: i
     rates.put(len(prompts) / (time.perf_counter() - start))
 
 
-def two_processes_vs_one(cfg, prompts: list[str], path: str) -> float:
-    """This machine's own ceiling for 2 vs 1 actors: batched generation in 2 plain processes at once vs 1, no Ray."""
+def spawned_rate(cfg, prompts: list[str], path: str, n: int, env: dict[str, str] | None = None) -> float:
+    """Rows/s of n plain processes generating at once (spawned, no Ray), with `env` added to theirs."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-
-    def together(n: int) -> float:
-        barrier, rates = ctx.Barrier(n), ctx.Queue()
-        args = (path, cfg.data.template, cfg.eval.max_new_tokens, cfg.eval.batch_size, prompts, barrier, rates)
+    barrier, rates = ctx.Barrier(n), ctx.Queue()
+    args = (path, cfg.data.template, cfg.eval.max_new_tokens, cfg.eval.batch_size, prompts, barrier, rates)
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})  # a spawned child starts with the parent's environment as it is now
+    try:
         procs = [ctx.Process(target=_generate_alone, args=args) for _ in range(n)]
         for proc in procs:
             proc.start()
-        total = sum(rates.get(timeout=600) for _ in procs)
-        for proc in procs:
-            proc.join()
-        return total
-
-    return together(2) / together(1)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    total = sum(rates.get(timeout=600) for _ in procs)
+    for proc in procs:
+        proc.join()
+    return total
 
 
 def engine_vs_hf_generate(cfg, prompts: list[str], path: str) -> float:
@@ -181,6 +190,7 @@ def main(out=sys.stdout) -> None:
     # past the start: the rows beyond the start run over the seconds beyond it
     marginal = {a: (rows - start_rows[a]) / (med[f"ray_{a}"] - med[f"start_{a}"]) for a in (1, 2)}
     gen_s, loss_s = score_costs(cfg, subset, checkpoints)
+    ceiling = (cfg, [e.prompt for e in examples], checkpoints[-1])
     print(json.dumps({
         "bench": "groups", "config": args.config, "examples": len(examples), "checkpoints": len(checkpoints),
         "naive_subset": len(subset), "threads_per_contender": cfg.groups.threads_per_actor, "rounds": args.repeats,
@@ -193,7 +203,10 @@ def main(out=sys.stdout) -> None:
         "past_start_ray_1_actor_per_s": round(marginal[1], 2), "past_start_ray_2_actors_per_s": round(marginal[2], 2),
         "past_start_ray_2_actors_vs_naive": round(marginal[2] / med["naive"], 2),
         "past_start_two_vs_one_actor": round(marginal[2] / marginal[1], 2),
-        "two_vs_one_process_no_ray": round(two_processes_vs_one(cfg, [e.prompt for e in examples], checkpoints[-1]), 2),
+        "two_vs_one_process_no_ray": round(spawned_rate(*ceiling, 2) / spawned_rate(*ceiling, 1), 2),
+        # hftlab keeps freed memory mapped (allocator.py); the same decoding in a process where it is off
+        "keep_freed_memory_speedup": round(statistics.median(
+            spawned_rate(*ceiling, 1) / spawned_rate(*ceiling, 1, {FREED_MEMORY_ENV: "0"}) for _ in range(args.repeats)), 2),
         "loss_score_vs_generation_cost": round(loss_s / gen_s, 3),
         "engine_vs_hf_generate": round(engine_vs_hf_generate(cfg, [e.prompt for e in examples], checkpoints[-1]), 2),
         "targets": {"ray_2_actors_vs_naive": ">= 10", "two_vs_one_actor": ">= 1.6"},
