@@ -1,12 +1,13 @@
 """Keep freed memory in the process instead of handing it back to the OS after every step.
 
 glibc returns a freed block to the kernel when it was mmap-ed (blocks over the mmap threshold) or
-sits at the top of the heap beyond the trim threshold. Decoding frees and reallocates its KV cache
-and activations (about 1 MB each for a 64-row batch of the toy model) at every step, so each step
-page-faults them back in: 680,000 minor faults and 12% of the CPU time spent in the kernel for
-4,600 answers (toy model, 1 thread, measured). Raising both thresholds keeps those pages mapped and
-reused: decoding then runs 1.15-1.2x faster; training, whose tensors are reused, about 1.02x.
-The cost: a process may keep up to TRIM_THRESHOLD of freed heap, and blocks under 32 MB come
+sits at the top of the heap beyond the trim threshold. Its defaults raise the mmap threshold only to
+the largest block freed so far, and a KV cache grows by a token per decoding step, so decoding keeps
+allocating blocks a little larger than any freed before: each is mapped afresh and page-faulted in.
+Measured on the quickstart model (1 thread, 4,620 answers): 570,000-680,000 minor faults and 12-15%
+of the CPU time in the kernel. Raising both thresholds keeps those pages mapped and reused: decoding
+then runs 1.14-1.15x faster (the groups bench's A/B); training, whose tensors keep their sizes, about
+1.02x. The cost: a process may keep up to TRIM_THRESHOLD of freed heap, and blocks under 32 MB come
 from the heap rather than fresh mappings.
 
 `hftlab/__init__.py` calls this, so every process that imports hftlab has it: the driver, Ray
