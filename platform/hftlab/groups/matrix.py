@@ -53,24 +53,25 @@ class MatrixWorker:
         self.template, self.max_new_tokens, self.gen_batch_size = template, max_new_tokens, gen_batch_size
         self.max_length, self.with_loss, self.dtype, self.trust = max_length, with_loss, dtype, trust_remote_code
         self.judge = make_judge(judge, trust_remote_code=trust_remote_code)
-        self.loaded: tuple[str, object, object] | None = None
+        self.loaded: tuple[str, object, object, HFGenerator] | None = None
 
     def model(self, path: str):
+        """(model, tokenizer, generator) of `path`, loaded once while the rows stay on it."""
         if self.loaded is None or self.loaded[0] != path:
             self.loaded = None  # free the previous checkpoint first
             model, tok = load_model(path, dtype=self.dtype, trust_remote_code=self.trust)
-            self.loaded = (path, model, tok)
-        return self.loaded[1], self.loaded[2]
+            gen = HFGenerator(model, tok, template=self.template, max_new_tokens=self.max_new_tokens,
+                              batch_size=self.gen_batch_size, progress=False)
+            self.loaded = (path, model, tok, gen)
+        return self.loaded[1:]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
         answers, hs, loss = [""] * n, [0] * n, [float("nan")] * n
         for path in dict.fromkeys(batch["path"].tolist()):
             rows = [i for i in range(n) if batch["path"][i] == path]
-            model, tok = self.model(path)
+            model, tok, gen = self.model(path)
             prompts = [str(batch["prompt"][i]) for i in rows]
-            gen = HFGenerator(model, tok, template=self.template, max_new_tokens=self.max_new_tokens,
-                              batch_size=self.gen_batch_size, progress=False)
             got = gen.generate(prompts)
             verdicts = self.judge.judge(prompts, got)
             losses = (response_losses(model, tok, [(p, str(batch["response"][i])) for p, i in zip(prompts, rows, strict=True)],
