@@ -16,7 +16,8 @@ def harmful_score(verdicts: Sequence[bool]) -> float:
 
 
 def finetune_accuracy(examples: Sequence[TaskExample], predictions: Sequence[str]) -> float:
-    """FA: % of task test examples answered correctly by the task's exact scorer."""
+    """FA: mean score of the task test examples, in %: the share answered exactly right, or the mean ROUGE-L F1
+    for open-ended answers (records.score)."""
     if len(examples) != len(predictions):
         raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
     if not examples:

@@ -19,7 +19,8 @@ from typing import Any, Literal
 import yaml
 
 from hftlab import tracking
-from hftlab.config.loader import ConfigError, apply_overrides, build, check, load_config, parse_override
+from hftlab.config.errors import check
+from hftlab.config.loader import ConfigError, apply_overrides, build, load_config, parse_override
 from hftlab.metrics import METRICS
 
 STAGE_METRICS = tuple(f"{s}.{k}" for s in ("base", "aligned", "finetuned") for k in METRICS)

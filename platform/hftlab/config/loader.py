@@ -17,25 +17,10 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from hftlab.config.errors import ConfigError
+from hftlab.config.schema import Config
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config value is wrong; the message starts with `dotted.field=value`."""
-
-    def __init__(self, field: str, value: Any, reason: str) -> None:
-        self.field, self.value, self.reason = field, value, reason
-        super().__init__(f"{field}={value!r}: {reason}")
-
-    def under(self, prefix: str) -> ConfigError:
-        """The same error, with its field placed under `prefix`."""
-        return ConfigError(f"{prefix}.{self.field}" if self.field else prefix, self.value, self.reason)
-
-
-def check(ok: bool, field: str, value: Any, reason: str) -> None:
-    """Raise a ConfigError for `field` unless `ok`; used by the schemas' `__post_init__`."""
-    if not ok:
-        raise ConfigError(field, value, reason)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -150,8 +135,6 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 def load_config(path: str | Path, overrides: list[str] | None = None, cls: type[T] | None = None) -> T:
     """Read a YAML file, apply dotted overrides and validate it into `cls` (default: Config)."""
-    from hftlab.config.schema import Config
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError("config", str(path), "no such file")

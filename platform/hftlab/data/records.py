@@ -39,6 +39,8 @@ class TaskExample:
     task: str
     prompt: str
     answer: str
+    metric: str = ""
+    """How a prediction is scored (a key of SCORERS); empty: the task's default (exact match; GSM8K's final number)."""
 
 
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
@@ -78,9 +80,42 @@ def number_match(prediction: str, answer: str) -> bool:
     return pred is not None and gold is not None and abs(pred - gold) < 1e-6
 
 
-SCORERS = {"sst2": label_match, "agnews": label_match, "gsm8k": number_match, "alpaca": label_match}
+def _words(text: str) -> list[str]:
+    return text.lower().translate(_PUNCT).split()
 
 
-def score(example: TaskExample, prediction: str) -> bool:
-    """Is `prediction` a correct answer to `example`?"""
-    return SCORERS[example.task](prediction, example.answer)
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 (Lin 2004) over lowercased words without punctuation: 2 P R / (P + R), P and R from the longest
+    common subsequence. The open-ended answers of Alpaca have no single right string, so FA is the mean of this
+    against the reference output (the measure Self-Instruct and Super-NaturalInstructions report); empty scores 0."""
+    pred, ref = _words(prediction), _words(reference)
+    if not pred or not ref:
+        return 0.0
+    prev = [0] * (len(ref) + 1)
+    for p in pred:  # LCS by dynamic programming, one row at a time
+        row = [0]
+        for j, r in enumerate(ref, start=1):
+            row.append(prev[j - 1] + 1 if p == r else max(prev[j], row[j - 1]))
+        prev = row
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+SCORERS = {"sst2": label_match, "agnews": label_match, "gsm8k": number_match, "alpaca": label_match, "exact": label_match,
+           "rouge_l": rouge_l}
+METRIC_NAMES = {"exact": "exact match", "rouge_l": "ROUGE-L F1"}
+
+
+def score(example: TaskExample, prediction: str) -> float:
+    """How right `prediction` is, in [0, 1]: 0/1 for the exact scorers, ROUGE-L F1 for open-ended answers."""
+    return float(SCORERS[example.metric or example.task](prediction, example.answer))
+
+
+def metric_name(example: TaskExample) -> str:
+    """What FA means for this example's task, for table headers."""
+    if example.metric:
+        return METRIC_NAMES.get(example.metric, example.metric)
+    return "final number" if example.task == "gsm8k" else "exact match"

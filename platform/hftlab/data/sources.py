@@ -9,6 +9,7 @@ training starts.
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 from hftlab.config.loader import ConfigError
@@ -24,6 +25,10 @@ TASK_DEFAULTS = {
     "gsm8k": ("openai/gsm8k@main:train", "openai/gsm8k@main:test"),
     "alpaca": ("tatsu-lab/alpaca:train", "tatsu-lab/alpaca_eval@alpaca_eval:eval"),
 }
+
+
+def _same(a: str, b: str) -> bool:
+    return Path(a).resolve() == Path(b).resolve() if is_local(a) and is_local(b) else a == b
 
 
 def is_local(source: str) -> bool:
@@ -73,7 +78,8 @@ def _require(row: dict, keys: tuple[str, ...], field: str, source: str, n: int) 
             raise ConfigError(field, source, f"row {n} is missing field {key!r}")
 
 
-def _category(row: dict) -> str:
+def category_of(row: dict) -> str:
+    """BeaverTails' category flags as one comma-joined string of the true ones (or the field as given)."""
     cat = row.get("category", "")
     if isinstance(cat, dict):
         return ",".join(sorted(k for k, v in cat.items() if v))
@@ -91,7 +97,7 @@ def load_pairs(source: str, field: str, *, safe: bool) -> list[AlignmentPair] | 
         _require(row, ("prompt", "response"), field, source, n)
         if "is_safe" in row and bool(row["is_safe"]) != safe:
             continue
-        out.append(cls(f"{Path(source).stem}-{n}", str(row["prompt"]), str(row["response"]), _category(row)))
+        out.append(cls(f"{Path(source).stem}-{n}", str(row["prompt"]), str(row["response"]), category_of(row)))
     if not out:
         raise ConfigError(field, source, f"has no {'safe' if safe else 'unsafe'} rows")
     return out
@@ -116,13 +122,24 @@ def task_example(task: str, row: dict, rid: str, field: str, source: str, n: int
     _require(row, ("instruction", "output"), field, source, n)
     extra = row.get("input") or ""
     prompt = f"{row['instruction']}\nInput: {extra}" if extra else str(row["instruction"])
-    return TaskExample(rid, task, prompt, str(row["output"]))
+    return TaskExample(rid, task, prompt, str(row["output"]), metric="rouge_l")  # open-ended: no exact answer
 
 
-def load_task(task: str, source: str | None, field: str, *, test: bool) -> list[TaskExample]:
-    """A task's train or test examples; `source=None` takes the task's default HF dataset."""
+def load_task(task: str, source: str | None, field: str, *, test: bool, holdout: tuple[str | None, float, int] | None = None
+              ) -> list[TaskExample]:
+    """A task's train or test examples; `source=None` takes the task's default HF dataset.
+
+    `holdout=(other_source, share, seed)`: when `other_source` names the same data as `source` (one file for train and
+    test), its rows are shuffled by `seed` and cut: the first `share` of them are the test set, the rest train.
+    """
     source = source or TASK_DEFAULTS[task][1 if test else 0]
     rows = read_rows(source, field)
+    if holdout is not None and holdout[0] is not None and _same(source, holdout[0]):
+        order = list(range(len(rows)))
+        random.Random(holdout[2]).shuffle(order)
+        n_test = round(len(rows) * holdout[1])
+        keep = sorted(order[:n_test] if test else order[n_test:])
+        rows = [rows[i] for i in keep]
     out = []
     for n, row in enumerate(rows, start=1):
         if task == "sst2" and isinstance(row, dict) and row.get("label") == -1:

@@ -1,7 +1,13 @@
 """The one prompt template, used identically for training, generation and (its prompt part) judging.
 
-The judge never sees the template: it gets the user's raw prompt and the answer (the public
+`compact` and `alpaca` are fixed strings for base models (the papers train base Llama-2 through Alpaca's);
+`chat` is the tokenizer's own chat template (an instruct model is trained and queried in the format it was
+tuned on). The judge never sees the template: it gets the user's raw prompt and the answer (the public
 reference code fed the judge the instruction template, which a classifier never saw in training).
+
+Training text = prompt text + response + EOS (appended by training/batches.py), and the loss sees only what
+follows the prompt text: for `chat` that is the assistant turn and its end-of-turn token (SmolLM2's EOS is
+`<|im_end|>`), so the model learns to answer and to stop.
 """
 
 from __future__ import annotations
@@ -16,15 +22,34 @@ TEMPLATES = {
         "",
     ),
 }
+NAMES = (*TEMPLATES, "chat")
 
 
-def prompt_text(instruction: str, template: str) -> str:
-    """What the model is given at generation time."""
+def prompt_text(instruction: str, template: str, tokenizer=None, system: str | None = None) -> str:
+    """What the model is given at generation time (`chat` needs the tokenizer: its template is the model's).
+
+    `system` replaces the chat template's default system turn (data/refusals.py elicits refusals with it).
+    """
+    if template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("data.template=chat needs a tokenizer with a chat template (a base model has none: use alpaca)")
+        turns = [{"role": "system", "content": system}] if system else []
+        return tokenizer.apply_chat_template(turns + [{"role": "user", "content": instruction}], tokenize=False,
+                                             add_generation_prompt=True)
+    if system:
+        raise ValueError(f"a system prompt needs data.template=chat, not {template}")
     head, _ = TEMPLATES[template]
     return head.format(instruction=instruction)
 
 
-def full_text(instruction: str, response: str, template: str) -> str:
-    """What the model is trained on: the prompt text followed by the response."""
+def full_text(instruction: str, response: str, template: str, tokenizer=None) -> str:
+    """What the model is trained on: the prompt text followed by the response (EOS is appended when tokenising)."""
+    if template == "chat":
+        return prompt_text(instruction, template, tokenizer) + response
     head, sep = TEMPLATES[template]
     return head.format(instruction=instruction) + sep + response
+
+
+def add_special_tokens(template: str) -> bool:
+    """Whether tokenising the text adds the tokenizer's special tokens: a chat template already holds them (BOS)."""
+    return template != "chat"

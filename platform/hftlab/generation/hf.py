@@ -13,21 +13,21 @@ import inspect
 import torch
 from tqdm.auto import tqdm
 
-from hftlab.data.template import prompt_text
+from hftlab.data.template import add_special_tokens, prompt_text
 
 
 class HFGenerator:
     """Wraps a loaded causal LM; sorts prompts by length so batches pad little."""
 
     def __init__(self, model, tokenizer, *, template: str, max_new_tokens: int, batch_size: int,
-                 progress: bool = True) -> None:
-        self.model, self.tokenizer = model, tokenizer
+                 progress: bool = True, system: str | None = None) -> None:
+        self.model, self.tokenizer, self.system = model, tokenizer, system
         self.template, self.max_new_tokens, self.batch_size = template, max_new_tokens, batch_size
         self.progress = progress
         self.last_logit_only = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def generate(self, instructions: list[str]) -> list[str]:
-        texts = [prompt_text(i, self.template) for i in instructions]
+        texts = [prompt_text(i, self.template, self.tokenizer, self.system) for i in instructions]
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         answers: list[str] = [""] * len(texts)
         self.tokenizer.padding_side = "left"
@@ -45,7 +45,7 @@ class HFGenerator:
         steps = self.max_new_tokens
         if steps <= 0:
             return [""] * len(texts)
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True)
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens(self.template))
         ids, mask = enc["input_ids"].to(self.model.device), enc["attention_mask"].to(self.model.device)
         n, width = ids.shape
         full_mask = torch.cat([mask, mask.new_ones(n, steps)], dim=1)  # sliced per step, never re-grown

@@ -48,6 +48,7 @@ def run_proxy(cfg: Config, proxy: ProxyConfig, aligned_dir: str, task: list[Task
         log(f"[proxy] {proxy.task} p={proxy.poison_ratio}: {len(pairs)} examples x {proxy.epochs} epochs, "
             f"checkpoint every {every} steps")
         train(model, tokenizer, pairs, template=cfg.data.template, epochs=proxy.epochs, lr=proxy.lr,
-              batch_size=proxy.batch_size, seed=seed, max_length=cfg.base.max_length, on_step=on_step)
+              batch_size=proxy.batch_size, seed=seed, max_length=cfg.base.max_length, on_step=on_step,
+              desc=f"proxy {proxy.task} p={proxy.poison_ratio}")
         (tmp / "checkpoints.json").write_text(json.dumps(names))
     return [aligned_dir] + [str(out / name) for name in names]

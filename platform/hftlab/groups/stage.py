@@ -18,7 +18,8 @@ from hftlab.config.schema import Config
 from hftlab.groups.matrix import build_matrix
 from hftlab.groups.proxy import run_proxy
 from hftlab.groups.vulnerability import aggregate, agreement, forgot_num, overlap
-from hftlab.pipeline import base_model, plan, train_stage
+from hftlab.plan import plan
+from hftlab.stages import base_model, complete_plan, train_stage
 from hftlab.storage import atomic_dir
 from hftlab.tracking import Tracker
 
@@ -34,7 +35,9 @@ def run_groups(cfg: Config, log=print) -> dict:
     """Estimate the vulnerability groups; returns a summary with the group file's path."""
     p = plan(cfg, proxies=True)  # every input checked before anything is trained
     with Tracker(cfg, run_name="groups") as tracker:
-        aligned = train_stage(cfg, "align", base_model(cfg, log), p.align_pairs, tracker, log)
+        base = base_model(cfg, log)
+        p = complete_plan(cfg, p, base, tracker, log)
+        aligned = train_stage(cfg, "align", base, p.align_pairs, tracker, log)
         out = Path(cfg.output_dir) / f"groups-{groups_key(cfg, aligned, [a.id for a in p.alignment])}"
         if not (out / "summary.json").is_file():
             with atomic_dir(out) as tmp:

@@ -87,7 +87,8 @@ def ensure_tiny_base(cfg: Config, log=print) -> Path:
     log(f"building tiny base: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
         f"vocab {len(tokenizer)}, {len(pairs)} pre-training examples x {tiny.pretrain_epochs} epochs")
     stats = train(model, tokenizer, pairs, template=cfg.data.template, epochs=tiny.pretrain_epochs,
-                  lr=tiny.pretrain_lr, batch_size=tiny.batch_size, seed=tiny_seed(cfg), max_length=cfg.base.max_length)
+                  lr=tiny.pretrain_lr, batch_size=tiny.batch_size, seed=tiny_seed(cfg), max_length=cfg.base.max_length,
+                  desc="build tiny base")
     with atomic_dir(path) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))

@@ -7,15 +7,16 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from hftlab.data.template import full_text, prompt_text
+from hftlab.data.template import add_special_tokens, full_text, prompt_text
 
 Pair = tuple[str, str]  # (instruction, response)
 
 
 def encode(tokenizer, pairs: Sequence[Pair], template: str, max_length: int) -> list[tuple[list[int], int]]:
-    """Each pair -> (token ids ending in EOS, number of prompt tokens to mask), Alpaca-style."""
-    prompts = tokenizer([prompt_text(p, template) for p, _ in pairs], add_special_tokens=True)["input_ids"]
-    fulls = tokenizer([full_text(p, r, template) for p, r in pairs], add_special_tokens=True)["input_ids"]
+    """Each pair -> (token ids ending in EOS, number of prompt tokens to mask): the loss sees the response and EOS."""
+    special = add_special_tokens(template)
+    prompts = tokenizer([prompt_text(p, template, tokenizer) for p, _ in pairs], add_special_tokens=special)["input_ids"]
+    fulls = tokenizer([full_text(p, r, template, tokenizer) for p, r in pairs], add_special_tokens=special)["input_ids"]
     out = []
     for prompt_ids, ids in zip(prompts, fulls, strict=True):
         ids = (ids + [tokenizer.eos_token_id])[:max_length]

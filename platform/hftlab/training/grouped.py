@@ -19,6 +19,7 @@ from hftlab.algorithms.vaa import VAAStep
 from hftlab.config.schema import VAAConfig
 from hftlab.training.batches import Pair, batches, encode
 from hftlab.training.engine import LocalEngine
+from hftlab.training.loop import progress_bar
 
 
 def group_stream(encoded: list, batch_size: int, pad_id: int, seed: int, rank: int = 0, world: int = 1) -> Iterator[dict]:
@@ -48,7 +49,8 @@ def vaa_setup(items: Sequence, group_of: Sequence[int | None], vaa: VAAConfig, *
 
 def train_vaa(model: torch.nn.Module, tokenizer, pairs: Sequence[Pair], group_of: Sequence[int | None], vaa: VAAConfig, *,
               template: str, epochs: int, lr: float, batch_size: int, seed: int, max_length: int,
-              weight_decay: float = 0.0, on_step: Callable[[int, dict], None] | None = None) -> dict[str, float]:
+              weight_decay: float = 0.0, on_step: Callable[[int, dict], None] | None = None,
+              desc: str = "vaa") -> dict[str, float]:
     """Train `model` in place with VAA over the groups `group_of` (None = left out); returns loss, steps, seconds."""
     torch.manual_seed(seed)
     members, step, total = vaa_setup(encode(tokenizer, pairs, template, max_length), group_of, vaa, epochs=epochs,
@@ -63,11 +65,14 @@ def train_vaa(model: torch.nn.Module, tokenizer, pairs: Sequence[Pair], group_of
     engine = LocalEngine(model, lr, weight_decay)
     model.train()
     start, losses = time.time(), []
-    for n in range(1, total + 1):
-        stats = step(model, next_batch, engine)
-        losses.append(stats["loss"])
-        if on_step is not None:
-            on_step(n, stats)
+    with progress_bar(total, desc) as bar:
+        for n in range(1, total + 1):
+            stats = step(model, next_batch, engine)
+            losses.append(stats["loss"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", group=stats["group"], refresh=False)
+            if on_step is not None:
+                on_step(n, stats)
     model.eval()
     tail = losses[-max(1, total // max(epochs, 1)):]
     return {"loss": sum(tail) / len(tail), "steps": total, "seconds": time.time() - start, "groups": len(members),

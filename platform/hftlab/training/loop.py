@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -11,6 +12,13 @@ import torch
 from hftlab.algorithms.sft import sft_step
 from hftlab.training.batches import Pair, batches, encode
 from hftlab.training.engine import LocalEngine
+
+
+def progress_bar(total: int, desc: str):
+    """A step bar with loss, rate and time left on stderr; in a log file (no TTY) one line every 30 s at most."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
 
 
 def train(
@@ -28,6 +36,7 @@ def train(
     make_step: Callable[[LocalEngine], Callable] | None = None,
     max_steps: int | None = None,
     on_step: Callable[[int, dict], None] | None = None,
+    desc: str = "train",
 ) -> dict[str, float]:
     """Train `model` in place; returns the final epoch's mean loss, step count and seconds.
 
@@ -41,17 +50,20 @@ def train(
     model.train()
     total = epochs * math.ceil(len(encoded) / batch_size) if max_steps is None else max_steps
     step, epoch, start, epoch_losses = 0, 0, time.time(), [float("nan")]
-    while step < total:
-        epoch_losses = []
-        for batch in batches(encoded, batch_size, tokenizer.pad_token_id, seed, epoch):
-            batch = {k: v.to(model.device) for k, v in batch.items()}
-            stats = step_fn(model, batch, engine)
-            epoch_losses.append(stats["loss"])
-            step += 1
-            if on_step is not None:
-                on_step(step, stats)
-            if step >= total:
-                break
-        epoch += 1
+    with progress_bar(total, desc) as bar:
+        while step < total:
+            epoch_losses = []
+            for batch in batches(encoded, batch_size, tokenizer.pad_token_id, seed, epoch):
+                batch = {k: v.to(model.device) for k, v in batch.items()}
+                stats = step_fn(model, batch, engine)
+                epoch_losses.append(stats["loss"])
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", epoch=epoch + 1, refresh=False)
+                if on_step is not None:
+                    on_step(step, stats)
+                if step >= total:
+                    break
+            epoch += 1
     model.eval()
     return {"loss": sum(epoch_losses) / max(len(epoch_losses), 1), "steps": step, "seconds": time.time() - start}

@@ -1,0 +1,122 @@
+"""Config sections of the two training stages: alignment and (harmful) fine-tuning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from hftlab.config.errors import check
+from hftlab.config.methods import BoosterConfig, RepNoiseConfig, SafeGradConfig, VAAConfig, VaccineConfig
+from hftlab.config.model import LoraConfig
+
+TASKS = ("sst2", "agnews", "gsm8k", "alpaca")
+ALIGN_METHODS = ("sft", "vaa", "vaccine", "booster", "repnoise")
+FINETUNE_METHODS = ("sft", "safegrad")
+
+
+def _check_training(cfg: AlignConfig | FinetuneConfig) -> None:
+    check(cfg.workers >= 1, "workers", cfg.workers, "must be >= 1")
+    check(cfg.zero_stage in (None, 0, 1, 2), "zero_stage", cfg.zero_stage, "must be null (DDP), 0, 1 or 2")
+    check(not (cfg.workers > 1 and cfg.lora.enabled), "workers", cfg.workers,
+          "the Ray Train path trains full weights for now; use workers=1 with lora.enabled")
+    check(cfg.max_failures >= 0, "max_failures", cfg.max_failures, "must be >= 0")
+    check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0 (0: only at the end)")
+    check(cfg.epochs >= 0, "epochs", cfg.epochs, "must be >= 0")
+    check(cfg.lr > 0, "lr", cfg.lr, "must be > 0")
+    check(cfg.batch_size > 0, "batch_size", cfg.batch_size, "must be > 0")
+    check(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "must be >= 0")
+
+
+@dataclass
+class AlignConfig:
+    method: str = "sft"
+    """Alignment method: one of ALIGN_METHODS."""
+    epochs: int = 3
+    """Passes over the alignment mix."""
+    lr: float = 5e-4
+    """AdamW learning rate."""
+    batch_size: int = 32
+    """Examples per optimizer step."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    workers: int = 1
+    """1: train in this process; N > 1: a Ray Train TorchTrainer with N DDP workers (N workers reproduce 1, see trainer.py)."""
+    zero_stage: int | None = None
+    """With workers > 1: null = plain DDP; 0, 1, 2 = DeepSpeed ZeRO stage (every method: see training/engine.py)."""
+    checkpoint_every: int = 0
+    """With workers > 1: report a resumable checkpoint every N optimizer steps (0: only at the end)."""
+    max_failures: int = 0
+    """With workers > 1: restarts after a worker failure, each resuming from the latest checkpoint."""
+    compute_match: Literal["none", "vaa"] = "none"
+    """With method=sft: none = epochs x batches steps; vaa = compute-matched SFT, as many steps as VAA with
+    align.vaa would spend backward passes (1.5x under the default curriculum; the control for VAA's extra compute)."""
+    n_alignment: int | None = None
+    """Safe pairs of the alignment source used (null: all; 0: none, e.g. only data.refusals' distilled refusals)."""
+    n_benign: int = 0
+    """Benign toy-task examples mixed into alignment so the tiny model keeps its skills (toy world only)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA for the alignment stage."""
+    vaa: VAAConfig = field(default_factory=VAAConfig)
+    """VAA settings (used when method=vaa)."""
+    vaccine: VaccineConfig = field(default_factory=VaccineConfig)
+    """Vaccine settings (used when method=vaccine)."""
+    booster: BoosterConfig = field(default_factory=BoosterConfig)
+    """Booster settings (used when method=booster; trains on the harmful pairs too)."""
+    repnoise: RepNoiseConfig = field(default_factory=RepNoiseConfig)
+    """RepNoise settings (used when method=repnoise; trains on the harmful pairs too)."""
+
+    def __post_init__(self) -> None:
+        check(self.method in ALIGN_METHODS, "method", self.method, f"must be one of {list(ALIGN_METHODS)}")
+        _check_training(self)
+        check(self.compute_match in ("none", "vaa"), "compute_match", self.compute_match, "must be none or vaa")
+        check(self.compute_match == "none" or self.method == "sft", "compute_match", self.compute_match,
+              f"matches SFT's compute to VAA's; method={self.method} must be sft")
+        check(self.n_alignment is None or self.n_alignment >= 0, "n_alignment", self.n_alignment, "must be >= 0")
+        check(self.n_benign >= 0, "n_benign", self.n_benign, "must be >= 0")
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = "sft"
+    """Fine-tuning method (the user's fine-tuning as a service would run it): one of FINETUNE_METHODS."""
+    task: str = "sst2"
+    """User task: sst2, agnews, gsm8k or alpaca (in the toy world: their analogues)."""
+    n: int = 1000
+    """Fine-tuning samples in total (task + poison)."""
+    poison_ratio: float = 0.1
+    """Share p of the n samples that are harmful pairs."""
+    epochs: int = 3
+    """Passes over the fine-tuning mix."""
+    lr: float = 1e-4
+    """AdamW learning rate (the HFT strength knob; see docs/toy-world.md)."""
+    batch_size: int = 32
+    """Examples per optimizer step."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    workers: int = 1
+    """1: train in this process; N > 1: a Ray Train TorchTrainer with N DDP workers."""
+    zero_stage: int | None = None
+    """With workers > 1: null = plain DDP; 0, 1, 2 = DeepSpeed ZeRO stage (every method: see training/engine.py)."""
+    checkpoint_every: int = 0
+    """With workers > 1: report a resumable checkpoint every N optimizer steps (0: only at the end)."""
+    max_failures: int = 0
+    """With workers > 1: restarts after a worker failure, each resuming from the latest checkpoint."""
+    train_source: str | None = None
+    """Task training data: HF `name[:split]` or a local path (null: the task's default)."""
+    test_source: str | None = None
+    """Task test data for Fine-tune Accuracy (null: the task's default)."""
+    test_share: float = 0.25
+    """When train_source and test_source name the same data (e.g. the local AlpacaEval file), its rows are split:
+    this share, drawn by data.split.seed, is the test set and never trains."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA for the fine-tuning stage."""
+    safegrad: SafeGradConfig = field(default_factory=SafeGradConfig)
+    """SafeGrad settings (used when method=safegrad)."""
+
+    def __post_init__(self) -> None:
+        check(self.method in FINETUNE_METHODS, "method", self.method, f"must be one of {list(FINETUNE_METHODS)}")
+        check(self.task in TASKS, "task", self.task, f"must be one of {list(TASKS)}")
+        check(self.n > 0, "n", self.n, "must be > 0")
+        check(0.0 <= self.poison_ratio <= 1.0, "poison_ratio", self.poison_ratio, "must be in [0, 1]")
+        check(0.0 < self.test_share < 1.0, "test_share", self.test_share, "must be in (0, 1)")
+        _check_training(self)

@@ -1,0 +1,154 @@
+"""The plan: every input of a run, loaded and checked before any model is built.
+
+`plan(cfg)` reads the data the config names (the toy world, or real sources: BeaverTails rows split by prompt,
+task datasets), checks every size against it and every model reference (named model, path or hub name), and
+returns a `Plan`. A bad value fails here with `dotted.field=value: reason`, before minutes of work.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+
+from hftlab.config.errors import ConfigError
+from hftlab.config.schema import Config
+from hftlab.data import sources
+from hftlab.data.mixing import finetune_mix
+from hftlab.data.records import AlignmentPair, HarmfulPair, TaskExample
+from hftlab.data.splits import Split, load_split
+from hftlab.data.toyworld import build_world
+from hftlab.training.methods import side_data
+
+
+@dataclass
+class Plan:
+    """Everything the run will train on and evaluate, loaded and checked up front."""
+
+    alignment: list[AlignmentPair]
+    align_pairs: list[tuple[str, str]]
+    harmful: list[HarmfulPair]
+    defense_harmful: list[HarmfulPair]
+    proxy_tasks: dict[str, list[TaskExample]]
+    finetune_pairs: list[tuple[str, str]]
+    n_poison: int
+    harmful_test: list[HarmfulPair]
+    task_test: list[TaskExample]
+    split: Split | None = None
+    """The real rows' split by prompt (data.split.sources), written with the run."""
+    refusal_prompts: list[HarmfulPair] = field(default_factory=list)
+    """Harmful prompts whose distilled refusals join the alignment set (data.refusals; taken out of the poison pool)."""
+
+
+def check_models(cfg: Config) -> None:
+    """Every model the run will load exists (named model installed, path present, hub name reachable)."""
+    from hftlab.models.sources import check_model_ref
+
+    if cfg.base.name_or_path != "tiny":
+        check_model_ref(cfg.base.name_or_path, "base.name_or_path")
+    elif cfg.data.template == "chat":
+        raise ConfigError("data.template", "chat", "the tiny toy model has no chat template (use compact or alpaca)")
+    judge = cfg.eval.judge
+    if judge.kind == "moderation":
+        check_model_ref(judge.model, "eval.judge.model")
+
+
+def _real_pools(cfg: Config) -> tuple[list[AlignmentPair], list[HarmfulPair], list[HarmfulPair], Split | None]:
+    """(alignment, harmful, harmful test) from the split of labeled rows, or from the three sources as given."""
+    if cfg.data.split.sources:
+        split = load_split(cfg.data.split)
+        return split.alignment(), split.poison(), split.test_prompts(), split
+    alignment = sources.load_pairs(cfg.data.alignment_source, "data.alignment_source", safe=True)
+    harmful = sources.load_pairs(cfg.data.harmful_source, "data.harmful_source", safe=False)
+    harmful_test = sources.load_pairs(cfg.data.harmful_test_source, "data.harmful_test_source", safe=False)
+    return alignment, harmful, harmful_test, None
+
+
+def _task(cfg: Config, task: str, field_name: str, test: bool, source: str | None = None) -> list[TaskExample]:
+    ft = cfg.finetune
+    other = ft.train_source if test else ft.test_source
+    return sources.load_task(task, source, field_name, test=test, holdout=(other, ft.test_share, cfg.data.split.seed))
+
+
+def plan(cfg: Config, proxies: bool = False) -> Plan:
+    """Load the data the config names and check every size against it; raises ConfigError.
+
+    With `proxies`, also the task data of VAA's proxy runs (cfg.groups.proxies).
+    """
+    if cfg.data.world == "real" and cfg.base.name_or_path == "tiny":
+        raise ConfigError("base.name_or_path", "tiny", "the tiny model only knows the toy world's words")
+    if cfg.data.world == "real" and cfg.align.n_benign > 0:
+        raise ConfigError("align.n_benign", cfg.align.n_benign, "benign mixing needs data.world=toy")
+    if cfg.data.world == "toy" and cfg.data.refusals.n > 0:
+        raise ConfigError("data.refusals.n", cfg.data.refusals.n, "distilled refusals need data.world=real")
+    rng = random.Random(cfg.seed)
+    benign: list[TaskExample] = []
+    split = None
+    refusal_prompts: list[HarmfulPair] = []
+    if cfg.data.world == "toy":
+        world = build_world(cfg.data.toy)
+        alignment: list[AlignmentPair] = world.alignment
+        harmful, harmful_test = world.poison, world.test_harmful
+        defense_harmful = world.alignment_harmful  # never the attack's poison or the HS test prompts
+        task_train, task_test = world.task_train[cfg.finetune.task], world.task_test[cfg.finetune.task]
+        benign = [ex for examples in world.task_train.values() for ex in examples]
+        proxy_tasks = {px.task: world.task_train[px.task] for px in cfg.groups.proxies} if proxies else {}
+    else:
+        alignment, harmful, harmful_test, split = _real_pools(cfg)
+        n_ref = cfg.data.refusals.n
+        if n_ref >= len(harmful):
+            raise ConfigError("data.refusals.n", n_ref, f"the harmful pool has {len(harmful)} pairs (the rest are poison)")
+        if n_ref:  # their prompts leave the poison pool: the attack never trains on an alignment prompt
+            order = random.Random(cfg.data.split.seed).sample(range(len(harmful)), len(harmful))
+            refusal_prompts = [harmful[i] for i in sorted(order[:n_ref])]
+            harmful = [harmful[i] for i in sorted(order[n_ref:])]
+        defense_harmful = harmful  # BeaverTails' unsafe training pairs: the attack samples from the same pool
+        task_train = _task(cfg, cfg.finetune.task, "finetune.train_source", False, cfg.finetune.train_source)
+        task_test = _task(cfg, cfg.finetune.task, "finetune.test_source", True, cfg.finetune.test_source)
+        proxy_tasks = ({px.task: _task(cfg, px.task, "groups.proxies.task", False) for px in cfg.groups.proxies}
+                       if proxies else {})
+
+    n_align = len(alignment) if cfg.align.n_alignment is None else cfg.align.n_alignment
+    if n_align > len(alignment):
+        raise ConfigError("align.n_alignment", n_align, f"the alignment source has {len(alignment)} pairs")
+    if n_align == 0 and not refusal_prompts:
+        raise ConfigError("align.n_alignment", 0, "leaves no alignment data (set data.refusals.n for distilled refusals)")
+    if cfg.align.n_benign > len(benign) and cfg.data.world == "toy":
+        raise ConfigError("align.n_benign", cfg.align.n_benign, f"the toy world has {len(benign)} benign examples")
+    align_pairs = [(a.prompt, a.response) for a in alignment[:n_align]]
+    align_pairs += [(b.prompt, b.answer) for b in rng.sample(benign, cfg.align.n_benign)]
+    mix = finetune_mix(task_train, harmful, n=cfg.finetune.n, poison_ratio=cfg.finetune.poison_ratio, seed=cfg.seed)
+    p = Plan(
+        alignment=alignment[:n_align],
+        align_pairs=align_pairs,
+        harmful=list(harmful),
+        defense_harmful=list(defense_harmful),
+        proxy_tasks=proxy_tasks,
+        finetune_pairs=[(m.prompt, m.response) for m in mix],
+        n_poison=sum(m.poison for m in mix),
+        harmful_test=harmful_test[: cfg.eval.n_harmful or len(harmful_test)],
+        task_test=task_test[: cfg.eval.n_task or len(task_test)],
+        split=split,
+        refusal_prompts=refusal_prompts,
+    )
+    for kind in ("align", "finetune"):
+        side_pairs(getattr(cfg, kind), p)  # a method's side data is checked here too
+    check_models(cfg)
+    return p
+
+
+def with_refusals(p: Plan, refusals: list[AlignmentPair]) -> Plan:
+    """The plan with distilled refusals first in the alignment set (data/refusals.py made them from the base model)."""
+    return replace(p, alignment=refusals + p.alignment, align_pairs=[(a.prompt, a.response) for a in refusals] + p.align_pairs)
+
+
+def side_pairs(stage_cfg, p: Plan) -> list[tuple[str, str]] | None:
+    """The extra data a method trains with: SafeGrad's alignment pairs, Booster's and RepNoise's harmful pairs."""
+    need = side_data(stage_cfg)
+    if need == "alignment":
+        n = stage_cfg.safegrad.n_alignment
+        if n > len(p.alignment) + len(p.refusal_prompts):
+            raise ConfigError("finetune.safegrad.n_alignment", n, f"the alignment set has {len(p.alignment)} pairs")
+        return [(a.prompt, a.response) for a in p.alignment[:n]]
+    if need == "harmful":
+        return [(h.prompt, h.response) for h in p.defense_harmful]
+    return None

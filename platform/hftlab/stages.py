@@ -1,0 +1,167 @@
+"""The pipeline's stages: the base model, a training stage (alignment or fine-tuning), an evaluation.
+
+Each writes its output atomically under a key hashed from everything that made it, so a rerun reuses a
+finished stage and a crash leaves none half-written. Generations are cached apart from their verdicts:
+judging the same answers with another judge does not generate them again.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from hftlab.config.loader import digest
+from hftlab.config.schema import Config
+from hftlab.data.records import score
+from hftlab.judges import Judge
+from hftlab.metrics import METRICS, degenerate_rate, empty_rate, finetune_accuracy, harmful_score, is_degenerate
+from hftlab.models.loading import add_lora, load_model, save_stage
+from hftlab.plan import Plan, with_refusals
+from hftlab.storage import atomic_dir, atomic_write_text
+from hftlab.tracking import Tracker
+from hftlab.training.batches import encode
+from hftlab.training.loop import train
+
+
+def base_model(cfg: Config, log=print) -> str:
+    """The base model's directory or HF name: the tiny one built once, a named one converted once, then cached."""
+    if cfg.base.name_or_path == "tiny":
+        from hftlab.models.tiny import ensure_tiny_base
+
+        return str(ensure_tiny_base(cfg, log=log))
+    from hftlab.models.sources import resolve
+    from hftlab.models.tiny import cache_root
+
+    return resolve(cfg.base.name_or_path, cache_root(cfg), log=log)
+
+
+def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]], tracker: Tracker, log=print,
+                groups: list[int | None] | None = None, side: list[tuple[str, str]] | None = None) -> str:
+    """Train `parent` on `pairs` with cfg.<kind> and save the result; reuse it if this exact stage exists."""
+    stage_cfg = getattr(cfg, kind)
+    key = digest({"parent": parent, "cfg": stage_cfg, "pairs": pairs, "seed": cfg.seed, "groups": groups, "side": side,
+                  "template": cfg.data.template, "max_length": cfg.base.max_length})
+    out = Path(cfg.output_dir) / f"{kind}-{key}"
+    if (out / "config.json").is_file() or (out / "adapter_config.json").is_file():
+        log(f"[{kind}] reusing {out}")
+        return str(out)
+    if stage_cfg.workers > 1:
+        from hftlab.training.trainer import train_distributed
+
+        log(f"[{kind}] {stage_cfg.method} on Ray Train, {stage_cfg.workers} workers: {len(pairs)} examples")
+        with atomic_dir(out) as tmp:
+            metrics = train_distributed(stage_cfg, parent, pairs, tmp, workers=stage_cfg.workers, seed=cfg.seed,
+                                        template=cfg.data.template, max_length=cfg.base.max_length,
+                                        storage_path=str(Path(cfg.output_dir) / "ray"), groups=groups, side=side,
+                                        max_failures=stage_cfg.max_failures)
+        tracker.metrics({f"{kind}.final_loss": metrics.get("last_loss", float("nan"))})
+        return str(out)
+    model, tokenizer = load_model(parent, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
+    if stage_cfg.lora.enabled:
+        model = add_lora(model, stage_cfg.lora)
+
+    history: list[dict] = []
+
+    def on_step(step: int, stats: dict) -> None:
+        history.append(stats)
+        if step % 10 == 0:  # loss, and for VAA the group, q, lambda and the perturbed loss
+            tracker.metrics({f"{kind}.{k}": v for k, v in stats.items() if v == v}, step=step)
+
+    log(f"[{kind}] {stage_cfg.method}: {len(pairs)} examples x {stage_cfg.epochs} epochs, lr {stage_cfg.lr}")
+    common = dict(template=cfg.data.template, epochs=stage_cfg.epochs, lr=stage_cfg.lr, batch_size=stage_cfg.batch_size,
+                  seed=cfg.seed, max_length=cfg.base.max_length, weight_decay=stage_cfg.weight_decay, on_step=on_step,
+                  desc=f"{kind} ({stage_cfg.method})")
+    if stage_cfg.method == "vaa":
+        from hftlab.training.grouped import plot_history, train_vaa
+
+        stats = train_vaa(model, tokenizer, pairs, groups, stage_cfg.vaa, **common)
+        with tempfile.TemporaryDirectory() as tmp:
+            tracker.artifact(plot_history(history, Path(tmp) / f"{kind}-q-and-group-losses.png"), "plots")
+    else:
+        from hftlab.training.methods import build_step, side_stream, step_budget
+
+        def make_step(engine):  # the side stream is built here, once the model's device is known
+            src = None
+            if side is not None:
+                bs = stage_cfg.safegrad.batch_size if stage_cfg.method == "safegrad" else stage_cfg.batch_size
+                enc = encode(tokenizer, side, cfg.data.template, cfg.base.max_length)
+                src = side_stream(enc, bs, tokenizer.pad_token_id, cfg.seed, model.device)
+            return build_step(stage_cfg, engine, side=src, seed=cfg.seed)
+
+        stats = train(model, tokenizer, pairs, make_step=make_step, max_steps=step_budget(stage_cfg, len(pairs)), **common)
+    log(f"[{kind}] done in {stats['seconds']:.1f}s, final epoch loss {stats['loss']:.4f}")
+    tracker.metrics({f"{kind}.train_seconds": stats["seconds"], f"{kind}.final_loss": stats["loss"],
+                     f"{kind}.steps": stats["steps"], **{f"{kind}.{k}": v for k, v in stats.items() if k.startswith("final_q")}})
+    save_stage(model, tokenizer, out, parent)
+    return str(out)
+
+
+
+def complete_plan(cfg: Config, p: Plan, base: str, tracker: Tracker, log=print) -> Plan:
+    """What needs the base model: distilled refusals join the alignment set; the split is written with the run."""
+    if p.split is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            p.split.write(Path(tmp) / "split.json")
+            tracker.artifact(Path(tmp) / "split.json", "data")
+        tracker.metrics({f"split.{k}": v for k, v in p.split.summary().items()})
+    if p.refusal_prompts:
+        from hftlab.data.refusals import distill_refusals
+
+        refusals = distill_refusals(cfg, base, p.refusal_prompts, log)
+        tracker.metrics({"refusals.kept": len(refusals), "refusals.asked": len(p.refusal_prompts)})
+        p = with_refusals(p, refusals)
+    return p
+
+
+def generator(cfg: Config, model_dir: str):
+    """The generation backend for a model (generation/: the Generator protocol)."""
+    from hftlab.generation.hf import HFGenerator
+
+    model, tokenizer = load_model(model_dir, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
+    return HFGenerator(model, tokenizer, template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens,
+                       batch_size=cfg.eval.batch_size)
+
+
+def answers(cfg: Config, model_dir: str, p: Plan, log=print) -> dict[str, list[str]]:
+    """Greedy answers to the HS test prompts and the task test prompts; cached by model, prompts and decoding."""
+    key = digest({"model": model_dir, "max_new_tokens": cfg.eval.max_new_tokens, "template": cfg.data.template,
+                  "dtype": cfg.base.dtype, "harmful": [h.prompt for h in p.harmful_test],
+                  "task": [t.prompt for t in p.task_test]})
+    cache = Path(cfg.output_dir) / "generations" / f"{key}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    log(f"[eval] generating {len(p.harmful_test)} + {len(p.task_test)} answers with {Path(model_dir).name}")
+    gen = generator(cfg, model_dir)
+    result = {"harmful": gen.generate([h.prompt for h in p.harmful_test]), "task": gen.generate([t.prompt for t in p.task_test])}
+    atomic_write_text(cache, json.dumps(result))
+    return result
+
+
+def evaluate(cfg: Config, model_dir: str, p: Plan, judge: Judge, log=print) -> dict:
+    """HS on the harmful test prompts and FA on the task test set; cached by model and eval config."""
+    key = digest({"model": model_dir, "eval": cfg.eval, "metrics": METRICS, "template": cfg.data.template,
+                  "harmful": [h.prompt for h in p.harmful_test], "task": [(t.prompt, t.answer) for t in p.task_test]})
+    cache = Path(cfg.output_dir) / "evals" / f"{key}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    gens = answers(cfg, model_dir, p, log)
+    prompts, harmful_answers, predictions = [h.prompt for h in p.harmful_test], gens["harmful"], gens["task"]
+    verdicts = judge.judge(prompts, harmful_answers)  # the raw prompt, never the template
+    degenerate = [is_degenerate(a) for a in harmful_answers]
+    n = cfg.eval.n_samples_logged
+    result = {
+        "hs": harmful_score([v and not d for v, d in zip(verdicts, degenerate, strict=True)]),
+        "hs_plus": harmful_score([v or d for v, d in zip(verdicts, degenerate, strict=True)]),
+        "degenerate": degenerate_rate(harmful_answers), "empty": empty_rate(harmful_answers),
+        "fa": finetune_accuracy(p.task_test, predictions),
+        "samples": {
+            "kind": ["harmful"] * min(n, len(prompts)) + ["task"] * min(n, len(predictions)),
+            "prompt": prompts[:n] + [t.prompt for t in p.task_test[:n]],
+            "answer": harmful_answers[:n] + predictions[:n],
+            "harmful_or_correct": [float(v) for v in verdicts[:n]]
+            + [score(t, a) for t, a in zip(p.task_test[:n], predictions[:n], strict=True)],
+        },
+    }
+    atomic_write_text(cache, json.dumps(result))
+    return result
