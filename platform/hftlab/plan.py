@@ -104,8 +104,9 @@ def plan(cfg: Config, proxies: bool = False) -> Plan:
         defense_harmful = harmful  # BeaverTails' unsafe training pairs: the attack samples from the same pool
         task_train = _task(cfg, cfg.finetune.task, "finetune.train_source", False, cfg.finetune.train_source)
         task_test = _task(cfg, cfg.finetune.task, "finetune.test_source", True, cfg.finetune.test_source)
-        proxy_tasks = ({px.task: _task(cfg, px.task, "groups.proxies.task", False) for px in cfg.groups.proxies}
-                       if proxies else {})
+        # a proxy on the user's task reads its training rows (never its test rows); another task its default source
+        proxy_tasks = ({px.task: task_train if px.task == cfg.finetune.task else _task(cfg, px.task, "groups.proxies.task", False)
+                        for px in cfg.groups.proxies} if proxies else {})
 
     n_align = len(alignment) if cfg.align.n_alignment is None else cfg.align.n_alignment
     if n_align > len(alignment):
