@@ -54,9 +54,12 @@ def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]
             metrics = train_distributed(stage_cfg, parent, pairs, tmp, workers=stage_cfg.workers, seed=cfg.seed,
                                         template=cfg.data.template, max_length=cfg.base.max_length,
                                         storage_path=str(Path(cfg.output_dir) / "ray"), groups=groups, side=side,
-                                        max_failures=stage_cfg.max_failures)
+                                        max_failures=stage_cfg.max_failures, use_gpu=stage_cfg.use_gpu,
+                                        dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code,
+                                        field=f"{kind}.use_gpu")
         tracker.metrics({f"{kind}.final_loss": metrics.get("last_loss", float("nan"))})
         return str(out)
+    check_gpus_of(cfg, kind)
     model, tokenizer = load_model(parent, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
     if stage_cfg.lora.enabled:
         model = add_lora(model, stage_cfg.lora)
@@ -96,6 +99,16 @@ def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]
     save_stage(model, tokenizer, out, parent)
     return str(out)
 
+
+
+def check_gpus_of(cfg: Config, *kinds: str) -> None:
+    """Stop before any work when a stage's `use_gpu` asks for GPUs that are not there (the error names the field)."""
+    for kind in kinds or ("align", "finetune"):
+        stage_cfg = getattr(cfg, kind)
+        if stage_cfg.use_gpu:
+            from hftlab.training.trainer import check_gpus
+
+            check_gpus(stage_cfg.workers, f"{kind}.use_gpu", cluster=stage_cfg.workers > 1)
 
 
 def complete_plan(cfg: Config, p: Plan, base: str, tracker: Tracker, log=print) -> Plan:
