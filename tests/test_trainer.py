@@ -162,5 +162,6 @@ def test_gpus_asked_of_a_cluster_without_any_fail_at_once_naming_the_field(smoke
     from hftlab.config import ConfigError
     from hftlab.pipeline import run
 
-    with pytest.raises(ConfigError, match=r"finetune\.use_gpu=True: asks for one GPU per Ray Train worker \(2\), and the Ray cluster has 0"):
+    with pytest.raises(ConfigError, match=r"finetune\.use_gpu=True: asks for one GPU per Ray Train worker \(2\), "
+                                          r"and the Ray cluster has 0"):
         run(smoke("finetune.workers=2", "finetune.use_gpu=true"), log=lambda *_: None)
