@@ -39,6 +39,11 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow"
 
+# on one H100/H200 (an environment with the `gpu` extra): vLLM + LoRA, Ray Train LoRA in bf16, ZeRO-2 on CUDA, the
+# generation bench -> outputs/gpu-check.json; without CUDA every part is skipped with a message (docs/gpu-validation.md)
+gpu-check:
+	$(PY) jobs/gpu_check.py
+
 lint: install
 	$(VENV)/bin/ruff check platform jobs tests
 
