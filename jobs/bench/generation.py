@@ -125,6 +125,10 @@ def main(out=sys.stdout) -> None:
 if __name__ == "__main__":  # the vLLM engine's process is spawned: this guard is required
     import contextlib
 
-    real_stdout = sys.stdout
-    with contextlib.redirect_stdout(sys.stderr):  # libraries print to stdout; only the JSON line goes there
+    # libraries print to stdout, vLLM's engine processes to file descriptor 1: all of it goes to stderr, and only the
+    # JSON line to the real stdout
+    real_stdout = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    with contextlib.redirect_stdout(sys.stderr):
         main(real_stdout)
+    real_stdout.flush()

@@ -2,8 +2,9 @@
 
 Generation is HF's (MatrixWorker) or vLLM's (VLLMMatrixWorker, groups.backend=vllm): one engine per actor, moved
 from checkpoint to checkpoint by reloading its weights in place instead of starting a new engine (20-50 s each on
-CPU). ray.data.llm's vLLM processor was measured against it (jobs/bench/groups.py --ray-data-llm): it binds one
-engine to one model, so the matrix's T+1 models would cost T+1 engine starts.
+CPU). ray.data.llm's vLLM processor runs here too (16 rows in 41.7 s, start included: ../shared/REAL-MODELS.md), but
+it binds one engine to one model, so the matrix's T+1 models would cost T+1 engine starts; `jobs/bench/groups.py
+--real --ray-data-llm` measures it beside this pipeline.
 
 One actor pool serves every proxy run: starting an actor (importing torch and transformers, then
 the first model load) is most of the fixed cost, so it is paid once per stage, not once per proxy.
