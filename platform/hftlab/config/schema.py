@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from hftlab.config.data import DataConfig, ToyWorldConfig
 from hftlab.config.errors import check
-from hftlab.config.evaluation import EvalConfig, GroupsConfig, JudgeConfig, ProxyConfig, TrackingConfig
+from hftlab.config.evaluation import EvalConfig, GroupsConfig, JudgeConfig, ProxyConfig, TrackingConfig, VLLMConfig
 from hftlab.config.methods import GROUPINGS, BoosterConfig, RepNoiseConfig, SafeGradConfig, VAAConfig, VaccineConfig
 from hftlab.config.model import LoraConfig, ModelConfig, TinyModelConfig
 from hftlab.config.stages import ALIGN_METHODS, FINETUNE_METHODS, TASKS, AlignConfig, FinetuneConfig
@@ -19,7 +19,7 @@ from hftlab.config.stages import ALIGN_METHODS, FINETUNE_METHODS, TASKS, AlignCo
 __all__ = ["ALIGN_METHODS", "FINETUNE_METHODS", "GROUPINGS", "TASKS", "AlignConfig", "BoosterConfig", "Config", "DataConfig",
            "EvalConfig", "FinetuneConfig", "GroupsConfig", "JudgeConfig", "LoraConfig", "ModelConfig", "ProxyConfig",
            "RepNoiseConfig", "SafeGradConfig", "TinyModelConfig", "ToyWorldConfig", "TrackingConfig", "VAAConfig",
-           "VaccineConfig"]
+           "VaccineConfig", "VLLMConfig"]
 
 
 @dataclass

@@ -17,8 +17,6 @@ FINETUNE_METHODS = ("sft", "safegrad")
 def _check_training(cfg: AlignConfig | FinetuneConfig) -> None:
     check(cfg.workers >= 1, "workers", cfg.workers, "must be >= 1")
     check(cfg.zero_stage in (None, 0, 1, 2), "zero_stage", cfg.zero_stage, "must be null (DDP), 0, 1 or 2")
-    check(not (cfg.workers > 1 and cfg.lora.enabled), "workers", cfg.workers,
-          "the Ray Train path trains full weights for now; use workers=1 with lora.enabled")
     check(cfg.max_failures >= 0, "max_failures", cfg.max_failures, "must be >= 0")
     check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0 (0: only at the end)")
     check(cfg.epochs >= 0, "epochs", cfg.epochs, "must be >= 0")
@@ -43,6 +41,9 @@ class AlignConfig:
     """1: train in this process; N > 1: a Ray Train TorchTrainer with N DDP workers (N workers reproduce 1, see trainer.py)."""
     zero_stage: int | None = None
     """With workers > 1: null = plain DDP; 0, 1, 2 = DeepSpeed ZeRO stage (every method: see training/engine.py)."""
+    use_gpu: bool = False
+    """Train on GPUs: with workers > 1 one GPU per Ray Train worker and nccl (base.dtype=bfloat16 with zero_stage:
+    DeepSpeed's bf16 mode); with workers = 1 this process's GPU. Without enough GPUs the run stops before any work."""
     checkpoint_every: int = 0
     """With workers > 1: report a resumable checkpoint every N optimizer steps (0: only at the end)."""
     max_failures: int = 0
@@ -97,6 +98,9 @@ class FinetuneConfig:
     """1: train in this process; N > 1: a Ray Train TorchTrainer with N DDP workers."""
     zero_stage: int | None = None
     """With workers > 1: null = plain DDP; 0, 1, 2 = DeepSpeed ZeRO stage (every method: see training/engine.py)."""
+    use_gpu: bool = False
+    """Train on GPUs: with workers > 1 one GPU per Ray Train worker and nccl (base.dtype=bfloat16 with zero_stage:
+    DeepSpeed's bf16 mode); with workers = 1 this process's GPU. Without enough GPUs the run stops before any work."""
     checkpoint_every: int = 0
     """With workers > 1: report a resumable checkpoint every N optimizer steps (0: only at the end)."""
     max_failures: int = 0

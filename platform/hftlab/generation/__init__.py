@@ -1,1 +1,1 @@
-"""Generation backends: `hf.py` (CPU/GPU); a vLLM backend implements the same `Generator` interface."""
+"""Generation backends behind the `Generator` protocol (base.py): `hf.py` (CPU/GPU) and `vllm.py` (vLLM)."""

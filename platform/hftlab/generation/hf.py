@@ -39,6 +39,9 @@ class HFGenerator:
                 answers[i] = text
         return answers
 
+    def close(self) -> None:
+        """Nothing to stop: the model is the caller's (the protocol's close() frees a vLLM engine)."""
+
     @torch.inference_mode()
     def greedy(self, texts: list[str]) -> list[str]:
         """One batch: prefill, then one token per step for the rows that have not ended yet."""

@@ -1,5 +1,11 @@
 """The per-example harmfulness matrix on Ray Data: (proxy, checkpoint, example) -> answer -> judge -> Parquet.
 
+Generation is HF's (MatrixWorker) or vLLM's (VLLMMatrixWorker, groups.backend=vllm): one engine per actor, moved
+from checkpoint to checkpoint by reloading its weights in place instead of starting a new engine (20-50 s each on
+CPU). ray.data.llm's vLLM processor runs here too (16 rows in 41.7 s, start included: ../shared/REAL-MODELS.md), but
+it binds one engine to one model, so the matrix's T+1 models would cost T+1 engine starts; `jobs/bench/groups.py
+--real --ray-data-llm` measures it beside this pipeline.
+
 One actor pool serves every proxy run: starting an actor (importing torch and transformers, then
 the first model load) is most of the fixed cost, so it is paid once per stage, not once per proxy.
 Each distinct model is answered once: checkpoint 0 (the aligned model) is shared by all proxies.
@@ -65,22 +71,52 @@ class MatrixWorker:
             self.loaded = (path, model, tok, gen)
         return self.loaded[1:]
 
+    def answer(self, path: str, prompts: list[str], responses: list[str]) -> tuple[list[str], list[float]]:
+        """Greedy answers of the model at `path`, and the safe responses' losses (NaN without the loss score)."""
+        model, tok, gen = self.model(path)
+        got = gen.generate(prompts)
+        losses = (response_losses(model, tok, list(zip(prompts, responses, strict=True)), template=self.template,
+                                  max_length=self.max_length) if self.with_loss else [float("nan")] * len(prompts))
+        return got, losses
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
         answers, hs, loss = [""] * n, [0] * n, [float("nan")] * n
         for path in dict.fromkeys(batch["path"].tolist()):
             rows = [i for i in range(n) if batch["path"][i] == path]
-            model, tok, gen = self.model(path)
             prompts = [str(batch["prompt"][i]) for i in rows]
-            got = gen.generate(prompts)
+            got, losses = self.answer(path, prompts, [str(batch["response"][i]) for i in rows])
             verdicts = self.judge.judge(prompts, got)
-            losses = (response_losses(model, tok, [(p, str(batch["response"][i])) for p, i in zip(prompts, rows, strict=True)],
-                                      template=self.template, max_length=self.max_length)
-                      if self.with_loss else [float("nan")] * len(rows))
             for j, i in enumerate(rows):
                 answers[i], hs[i], loss[i] = got[j], int(verdicts[j]), losses[j]
         return {"id": batch["id"], "model": batch["model"], "hs": np.array(hs, dtype=np.int8),
                 "answer": np.array(answers, dtype=object), "loss": np.array(loss, dtype=np.float64)}
+
+
+class VLLMMatrixWorker(MatrixWorker):
+    """A Ray Data actor with one vLLM engine (generation/vllm.py) that walks the checkpoints by reloading weights in
+    place; the loss score comes from the engine's prompt log-probabilities, so no second copy of a model is loaded.
+    LoRA stages (the aligned model) are served as merged copies: vLLM 0.29 gives no prompt log-probabilities in a
+    LoRA-enabled engine, and every proxy checkpoint is a full model anyway."""
+
+    def __init__(self, *, settings, cache: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.settings, self.cache = settings, cache
+        self.gen = None
+
+    def answer(self, path: str, prompts: list[str], responses: list[str]) -> tuple[list[str], list[float]]:
+        from hftlab.generation.vllm import VLLMGenerator
+
+        if self.gen is None:
+            self.gen = VLLMGenerator(path, template=self.template, max_new_tokens=self.max_new_tokens,
+                                     batch_size=self.gen_batch_size, cache=Path(self.cache), dtype=self.dtype,
+                                     trust_remote_code=self.trust, settings=self.settings, merge_lora=True)
+        else:
+            self.gen.serve(path)
+        got = self.gen.generate(prompts)
+        losses = (self.gen.response_losses(list(zip(prompts, responses, strict=True)), max_length=self.max_length)
+                  if self.with_loss else [float("nan")] * len(prompts))
+        return got, losses
 
 
 def matrix_rows(examples: list[AlignmentPair], models: list[str]) -> list[dict]:
@@ -117,8 +153,14 @@ def build_matrix(cfg: Config, examples: list[AlignmentPair], runs: list[list[str
     ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / g.batch_size)))
     # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a dead actor comes back
     # and its batch is retried, which is what keeps the matrix exact when a worker dies.
+    worker, kwargs = MatrixWorker, worker_kwargs(cfg)
+    if g.backend == "vllm":
+        from hftlab.models.tiny import cache_root
+
+        worker = VLLMMatrixWorker
+        kwargs.update(settings=cfg.eval.vllm, cache=str(cache_root(cfg)))
     ds = ds.map_batches(
-        MatrixWorker, fn_constructor_kwargs=worker_kwargs(cfg), batch_size=g.batch_size, batch_format="numpy",
+        worker, fn_constructor_kwargs=kwargs, batch_size=g.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors or g.actors), num_cpus=g.cpus_per_actor,
         num_gpus=g.gpus_per_actor or None,
     )

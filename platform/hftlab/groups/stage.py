@@ -28,7 +28,8 @@ def groups_key(cfg: Config, aligned: str, ids: list[str]) -> str:
     g = cfg.groups
     return digest({"aligned": aligned, "proxies": g.proxies, "rule": g.rule, "at_least": g.at_least,
                    "loss_score": g.loss_score, "judge": cfg.eval.judge, "max_new_tokens": cfg.eval.max_new_tokens,
-                   "template": cfg.data.template, "ids": ids, "seed": cfg.seed})
+                   "template": cfg.data.template, "ids": ids, "seed": cfg.seed,
+                   **({"backend": g.backend} if g.backend != "hf" else {})})  # vLLM's numerics: its own groups
 
 
 def run_groups(cfg: Config, log=print) -> dict:

@@ -45,6 +45,7 @@ def _load_adapter_stage(path: Path, *, dtype: str, trust_remote_code: bool):
     parent = json.loads((path / PARENT_FILE).read_text())["parent"]
     base, tokenizer = load_model(parent, dtype=dtype, trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    model.requires_grad_(True)  # peft froze the base for the adapter; merged, it is a full model like any other
     model.eval()
     return model, tokenizer
 

@@ -77,7 +77,8 @@ class LocalEngine:
 class DeepSpeedEngine(LocalEngine):
     """DeepSpeed ZeRO 0-2 with a client torch AdamW (no fused-op compile); forward through `self.model`."""
 
-    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0, zero_stage: int = 2) -> None:
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0, zero_stage: int = 2,
+                 bf16: bool = False) -> None:
         import deepspeed
 
         if zero_stage not in (0, 1, 2):
@@ -86,6 +87,8 @@ class DeepSpeedEngine(LocalEngine):
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                   "zero_optimization": {"stage": zero_stage}, "zero_allow_untested_optimizer": True}
+        if bf16:  # GPU: bf16 weights and activations, fp32 master weights and optimizer state kept by DeepSpeed
+            config["bf16"] = {"enabled": True}
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.module = self.model.module
         self.params = [p for p in self.module.parameters() if p.requires_grad]

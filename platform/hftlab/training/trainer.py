@@ -16,6 +16,7 @@ latest one and continues exactly where it was: the same batches, choices and opt
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from hftlab.config.errors import ConfigError
 from hftlab.config.schema import AlignConfig, FinetuneConfig
 from hftlab.training.batches import Pair, batches, encode
 
@@ -51,21 +53,22 @@ def _setup(config: dict, rank: int, world: int):
     import ray.train
     import ray.train.torch
 
-    from hftlab.models.loading import load_model
     from hftlab.training.engine import LocalEngine
     from hftlab.training.methods import build_step, side_stream, step_budget
 
     stage: AlignConfig | FinetuneConfig = config["stage"]
     ckpt = ray.train.get_checkpoint()
     ckpt_dir = ckpt.to_directory() if ckpt is not None else None
-    model, tokenizer = load_model(ckpt_dir or config["parent"])
+    model, tokenizer = _load(config, stage, ckpt_dir)
+    model.to(ray.train.torch.get_device())  # this worker's GPU (use_gpu), else the CPU
     if stage.zero_stage is None:
         model = ray.train.torch.prepare_model(model)  # DDP
         engine = LocalEngine(model, stage.lr, stage.weight_decay)
     else:
         from hftlab.training.engine import DeepSpeedEngine
 
-        engine = DeepSpeedEngine(model, stage.lr, stage.weight_decay, zero_stage=stage.zero_stage)
+        bf16 = config.get("use_gpu", False) and config.get("dtype") == "bfloat16"  # DeepSpeed's bf16 mode: fp32 master weights
+        engine = DeepSpeedEngine(model, stage.lr, stage.weight_decay, zero_stage=stage.zero_stage, bf16=bf16)
         model = engine.model  # forward through DeepSpeed's engine; it averages gradients over ranks like DDP
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
@@ -101,6 +104,25 @@ def _setup(config: dict, rank: int, world: int):
                 side.fn()
             side.reads = state["side_reads"]
     return model, tokenizer, engine, step, encoded, readers, side, total, state["step"]
+
+
+def _load(config: dict, stage: AlignConfig | FinetuneConfig, ckpt_dir: str | None):
+    """The parent as the whole model config says (dtype, trust_remote_code, the stage's LoRA), or the checkpoint's.
+
+    Under LoRA the parent is loaded (a LoRA parent comes merged, as in-process) and gets fresh adapters from the
+    seed every rank shares, or, resuming, the checkpoint's adapter, trainable; the base weights stay frozen.
+    """
+    from hftlab.models.loading import add_lora, load_model
+
+    opts = {"dtype": config.get("dtype", "float32"), "trust_remote_code": config.get("trust_remote_code", False)}
+    if not stage.lora.enabled:
+        return load_model(ckpt_dir or config["parent"], **opts)
+    model, tokenizer = load_model(config["parent"], **opts)
+    if ckpt_dir is None:
+        return add_lora(model, stage.lora), tokenizer
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, ckpt_dir, is_trainable=True), tokenizer
 
 
 def loop_per_worker(config: dict[str, Any]) -> None:
@@ -147,8 +169,12 @@ def _report(config, model, tokenizer, engine, step, readers, side, done, rank, w
     with tempfile.TemporaryDirectory() as tmp:
         if rank == 0:
             inner = model.module if hasattr(model, "module") else model
-            inner.save_pretrained(tmp, safe_serialization=True)
+            inner.save_pretrained(tmp, safe_serialization=True)  # under LoRA: the adapter alone
             tokenizer.save_pretrained(tmp)
+            if (Path(tmp) / "adapter_config.json").is_file():  # a stage like models/loading.save_stage writes
+                from hftlab.models.loading import PARENT_FILE
+
+                (Path(tmp) / PARENT_FILE).write_text(json.dumps({"parent": str(config["parent"])}))
             torch.save({"step": done, "step_state": step.state_dict() if hasattr(step, "state_dict") else None,
                         "reads": [r.reads for r in readers], "side_reads": side.reads if side is not None else 0},
                        Path(tmp) / "train_state.pt")
@@ -170,17 +196,24 @@ def _mean_over_ranks(value: float) -> float:
 def train_distributed(stage: AlignConfig | FinetuneConfig, parent: str, pairs: list[Pair], out_dir: str | Path, *,
                       workers: int, seed: int, template: str, max_length: int, storage_path: str,
                       groups: list[int | None] | None = None, side: list[Pair] | None = None, threads: int = 1,
-                      use_gpu: bool = False, max_failures: int = 0, fail_at_step: int | None = None) -> dict:
+                      use_gpu: bool = False, max_failures: int = 0, fail_at_step: int | None = None,
+                      dtype: str = "float32", trust_remote_code: bool = False, field: str = "use_gpu") -> dict:
     """Train `parent` on `pairs` with a Ray Train TorchTrainer; the trained model lands in `out_dir`.
 
+    Each worker loads the parent with `dtype` and `trust_remote_code` (base.*) and the stage's LoRA; a LoRA stage
+    lands as its adapter + hftlab_parent.json, like an in-process one. `use_gpu`: one GPU per worker and nccl;
+    without enough GPUs in the cluster it fails before starting, naming `field`.
     The run is named after `out_dir`, so rerunning a stage that crashed resumes from its latest checkpoint.
     `fail_at_step` is a test hook: the first attempt raises after that step (with `max_failures` >= 1 it resumes).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    if use_gpu:
+        check_gpus(workers, field)
     config = {"stage": stage, "parent": parent, "pairs": list(pairs), "groups": groups, "side": side, "seed": seed,
-              "template": template, "max_length": max_length, "threads": threads, "fail_at_step": fail_at_step}
+              "template": template, "max_length": max_length, "threads": threads, "fail_at_step": fail_at_step,
+              "dtype": dtype, "trust_remote_code": trust_remote_code, "use_gpu": use_gpu}
     trainer = TorchTrainer(
         loop_per_worker, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": threads}),
@@ -195,3 +228,18 @@ def train_distributed(stage: AlignConfig | FinetuneConfig, parent: str, pairs: l
     for extra in [*out.glob("optimizer*.pt"), out / "train_state.pt"]:  # the stage's output is the model alone
         extra.unlink(missing_ok=True)
     return dict(result.metrics or {})
+
+
+def check_gpus(workers: int, field: str, *, cluster: bool = True) -> None:
+    """Fail at once, naming `field`, when GPUs are asked of a Ray cluster (one per worker) or this process without any."""
+    if not cluster:
+        if not torch.cuda.is_available():
+            raise ConfigError(field, True, "asks for a GPU, and torch sees none in this process (no CUDA device)")
+        return
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    have = int(ray.cluster_resources().get("GPU", 0))
+    if have < workers:
+        raise ConfigError(field, True, f"asks for one GPU per Ray Train worker ({workers}), and the Ray cluster has {have}")
