@@ -47,6 +47,7 @@ def test_lora_stage_saves_adapter_and_reloads_merged(base_dir, tmp_path):
     base, _ = load_model(str(base_dir))
     with torch.no_grad():
         assert not torch.allclose(base(**x).logits, got)  # the adapter really changed the model
+    assert all(p.requires_grad for p in reloaded.parameters())  # merged, it trains like a full model (proxy runs)
 
 
 def test_batched_left_padded_generation_equals_one_by_one(base_dir):
