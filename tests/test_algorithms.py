@@ -368,3 +368,45 @@ def test_compute_matched_sft_takes_vaa_backward_passes_in_steps():
     plain = AlignConfig(epochs=3, batch_size=32)
     matched = AlignConfig(epochs=3, batch_size=32, compute_match="vaa", vaa=VAAConfig())
     assert step_budget(plain, 2040) == 192 and step_budget(matched, 2040) == 288
+
+
+def reference_update_p(p: float, loss: float, eta: float, forget: bool) -> float:
+    """ChanLiang/VAA `update_p_with_loss` (trainer.py:L677-L687 @ e00cbf4) written out: p = P(forget group)."""
+    if forget:
+        w = p * math.exp(eta * loss / p)
+        p = w / (w + (1 - p))
+    else:
+        p = p / (p + (1 - p) * math.exp(eta * loss / (1 - p)))
+    return min(max(p, 0.1), 0.9)
+
+
+@pytest.mark.parametrize("on_perturbed", [True, False])
+def test_vaa_sampler_update_is_the_reference_with_the_perturbed_loss(on_perturbed):
+    """On a perturbed step the official code feeds the sampler the loss at theta + eps (trainer.py:L794-L795)."""
+    model, rho, eta = make_model(), 0.1, 0.3
+    batches = group_batches(model)
+    step = VAAStep(GroupSampler(2, eta_q=eta), rho=rho, total_steps=1, schedule=constant(1.0), seed=2,
+                   update_on_perturbed=on_perturbed)  # lambda 1: the step is perturbed
+    ref = copy.deepcopy(model)
+    stats = step(model, batches.__getitem__, SGDEngine(model, lr=1.0))
+    batch = batches[stats["group"]]
+    g = _grads_at(ref, batch)
+    norm = torch.sqrt(sum((x * x).sum() for x in g))
+    shifted = copy.deepcopy(ref)
+    with torch.no_grad():
+        for p, x in zip(shifted.parameters(), g, strict=True):
+            p.add_(rho * x / norm)
+    loss = (shifted(**batch).loss if on_perturbed else ref(**batch).loss).item()
+    assert stats["q_1"] == pytest.approx(reference_update_p(0.5, loss, eta, forget=stats["group"] == 1), rel=1e-6)
+    assert VAAStep(GroupSampler(2), rho=rho, total_steps=1).update_on_perturbed  # the official code's default
+
+
+def test_vaa_config_reaches_update_on_perturbed():
+    from hftlab.config.schema import VAAConfig
+    from hftlab.training.grouped import vaa_setup
+
+    for value in (True, False):
+        _, step, _ = vaa_setup(list(range(8)), [0, 1] * 4, VAAConfig(update_on_perturbed=value), epochs=1, batch_size=2,
+                               seed=0)
+        assert step.update_on_perturbed is value
+    assert VAAConfig().update_on_perturbed is True

@@ -1,4 +1,7 @@
-"""Vaccine, Booster and RepNoise against hand-computed values, on a tiny random Llama (no download)."""
+"""Vaccine, Booster, RepNoise and Lisa against their references' updates written out, on a tiny random Llama.
+
+Each reference test recomputes one step (or a few) the way the method's public code computes it, with autograd and
+the formula spelled out here (module hooks, masks, kernels), and compares our step's SGD update with it."""
 
 from __future__ import annotations
 
@@ -57,17 +60,6 @@ def same_params(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
 
 
-def hook_ids(model: torch.nn.Module) -> list[set[int]]:
-    """The forward hooks on the decoder layers (HF installs its own output-capturing ones on first use)."""
-    return [set(layer._forward_hooks) for layer in find_layers(model)]
-
-
-def layer_outputs_with(model: torch.nn.Module, shifts: list[torch.Tensor]):
-    """Hooks adding shifts[l] to decoder layer l's output; returns the handles."""
-    return [layer.register_forward_hook(lambda _m, _i, out, s=s: out + s)
-            for layer, s in zip(find_layers(model), shifts, strict=True)]
-
-
 ALIGN, HARM = make_batch(1), make_batch(2)
 
 
@@ -83,47 +75,73 @@ def one_thread():
 # ---- Vaccine ----------------------------------------------------------------------------------------------------
 
 
-def hand_hidden_grads(model: torch.nn.Module, batch: dict) -> list[torch.Tensor]:
-    """d loss / d h_l by the zero-shift trick: h_l + z_l with z_l = 0 requiring grad, then grad w.r.t. z_l."""
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """What git-disl/Vaccine hooks (trainer.py:L36-L50 @ 8937f68): every LlamaAttention, named here by attribute."""
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def shift_outputs(modules: list[torch.nn.Module], shifts: list[torch.Tensor]):
+    """Forward hooks adding shifts[m] to module m's output (output[0] for a tuple output); returns the handles."""
+    def hook(_m, _i, out, s):
+        return (out[0] + s, *out[1:]) if isinstance(out, tuple) else out + s
+
+    return [m.register_forward_hook(lambda m_, i_, o, s=s: hook(m_, i_, o, s)) for m, s in zip(modules, shifts, strict=True)]
+
+
+def reference_vaccine_grads(model: torch.nn.Module, batch: dict, rho: float, modules) -> tuple[list, float, float]:
+    """Vaccine trainer.py:L53-L181 written out: g_m = dL/d(output of m) (first pass), eps_m = rho g_m / (||g|| + 1e-7)
+    with ||g|| over all modules (L143-L151), then the gradient of the loss with eps added to the outputs (L111-L134)."""
     with torch.no_grad():
-        shapes = [out.shape for out in model(**batch, output_hidden_states=True).hidden_states[1:]]
-    zs = [torch.zeros(s, requires_grad=True) for s in shapes]
-    handles = layer_outputs_with(model, zs)
-    try:
-        return list(torch.autograd.grad(model(**batch).loss, zs))
-    finally:
+        shapes = []
+        handles = [m.register_forward_hook(lambda _m, _i, o: shapes.append((o[0] if isinstance(o, tuple) else o).shape))
+                   for m in modules]
+        model(**batch)
         for h in handles:
             h.remove()
+    zs = [torch.zeros(s, requires_grad=True) for s in shapes]  # dL/dz at z = 0 is dL/d(output)
+    handles = shift_outputs(modules, zs)
+    g = list(torch.autograd.grad(model(**batch).loss, zs))
+    for h in handles:
+        h.remove()
+    norm = torch.linalg.vector_norm(torch.stack([x.norm(p=2) for x in g]))
+    handles = shift_outputs(modules, [x * (rho / (norm + 1e-7)) for x in g])
+    loss_p = model(**batch).loss
+    out = grads(model, loss_p)
+    for h in handles:
+        h.remove()
+    return out, float(norm), loss_p.item()
 
 
-def test_vaccine_eps_has_global_norm_rho_along_the_hidden_gradient():
-    model, rho = make_model(), 0.7
-    g = hand_hidden_grads(model, ALIGN)
-    hooks = hook_ids(model)
-    _, eps, norm = VaccineStep(rho=rho).perturbation(model, ALIGN, find_layers(model))
-    g_norm = math.sqrt(sum(float(x.pow(2).sum()) for x in g))
-    assert len(eps) == 2 and float(norm) == pytest.approx(g_norm, rel=1e-5)
-    assert math.sqrt(sum(float(e.pow(2).sum()) for e in eps.values())) == pytest.approx(rho, rel=1e-5)
-    for e, x in zip(eps.values(), g, strict=True):
-        torch.testing.assert_close(e, rho * x / g_norm, rtol=1e-4, atol=1e-8)
-    assert hook_ids(model) == hooks
+def hook_ids(model: torch.nn.Module) -> list[set[int]]:
+    """The forward hooks on the attention modules and decoder layers (HF installs its own capturing ones on first use)."""
+    return [set(m._forward_hooks) for m in [*find_layers(model, "Attention"), *find_layers(model)]]
 
 
-def test_vaccine_update_matches_hand_computed_perturbed_gradient():
+@pytest.mark.parametrize("suffix", ["Attention", "DecoderLayer"])
+def test_vaccine_update_matches_the_reference_written_out(suffix):
     model, rho = make_model(), 0.5
     ref = copy.deepcopy(model)
     theta = clone_params(model)
-    stats = VaccineStep(rho=rho).__call__(model, ALIGN, SGDEngine(model, lr=1.0))
-    g = hand_hidden_grads(ref, ALIGN)
-    norm = math.sqrt(sum(float(x.pow(2).sum()) for x in g))
-    handles = layer_outputs_with(ref, [rho * x / norm for x in g])
-    loss_p = ref(**ALIGN).loss
-    expected = grads(ref, loss_p)
-    for h in handles:
-        h.remove()
+    stats = VaccineStep(rho=rho, module_suffix=suffix)(model, ALIGN, SGDEngine(model, lr=1.0))
+    modules = attention_modules(ref) if suffix == "Attention" else list(ref.model.layers)
+    expected, norm, loss_p = reference_vaccine_grads(ref, ALIGN, rho, modules)
     assert_update(theta, model, expected)
-    assert stats["n_backward"] == 2 and stats["perturbed_loss"] == pytest.approx(loss_p.item(), rel=1e-6)
+    assert stats["hidden_grad_norm"] == pytest.approx(norm, rel=1e-5)
+    assert stats["n_backward"] == 2 and stats["perturbed_loss"] == pytest.approx(loss_p, rel=1e-6)
     assert stats["perturbed_loss"] > stats["loss"]  # eps ascends the loss
+
+
+def test_vaccine_defaults_to_the_attention_modules_and_config_selects():
+    from hftlab.config.schema import AlignConfig, VaccineConfig
+    from hftlab.training.methods import build_step
+
+    assert VaccineStep().module_suffix == "Attention" and VaccineConfig().layers == "attention"
+    model = make_model()
+    eng = LocalEngine(model, lr=1e-2)
+    assert build_step(AlignConfig(method="vaccine"), eng).module_suffix == "Attention"
+    decoder = AlignConfig(method="vaccine", vaccine=VaccineConfig(layers="decoder"))
+    assert build_step(decoder, eng).module_suffix == "DecoderLayer"
+    assert find_layers(model, "Attention") == attention_modules(model)
 
 
 def test_vaccine_hooks_are_removed_after_the_step_and_after_an_error():
@@ -159,36 +177,46 @@ def test_vaccine_rho_zero_equals_sft_bit_for_bit():
     assert same_params(model, ref)
 
 
-def test_vaccine_needs_decoder_layers():
+def test_vaccine_needs_the_modules_it_hooks():
     with pytest.raises(ValueError, match="DecoderLayer"):
         find_layers(torch.nn.Linear(2, 2))
-    assert len(find_layers(make_model(), "Attention")) == 2  # the official code's choice of modules
+    assert len(find_layers(make_model(), "Attention")) == 2
 
 
 # ---- Booster ----------------------------------------------------------------------------------------------------
 
 
-def hand_booster_gradient(model: torch.nn.Module, lam: float, alpha: float) -> list[torch.Tensor]:
+def reference_booster_gradient(model: torch.nn.Module, lam: float, alpha: float) -> list[torch.Tensor]:
+    """Booster trainer.py:L272-L386 @ 6421918 written out: g_h, theta - alpha g_h / (||g_h|| + 1e-7), g_h' there,
+    g_a at theta, grad = g_a + lamb g_h - lamb g_h'."""
     g_h = grads(model, model(**HARM).loss)
-    norm = torch.sqrt(sum((x * x).sum() for x in g_h))
+    norm = torch.linalg.vector_norm(torch.stack([x.norm(p=2) for x in g_h])) + 1e-7
     shifted = copy.deepcopy(model)
     with torch.no_grad():
         for p, x in zip(shifted.parameters(), g_h, strict=True):
             p.sub_(alpha * x / norm)
     g_hp = grads(shifted, shifted(**HARM).loss)
     g_a = grads(model, model(**ALIGN).loss)
-    return [a + lam * (h - hp) for a, h, hp in zip(g_a, g_h, g_hp, strict=True)]
+    return [a + lam * h - lam * hp for a, h, hp in zip(g_a, g_h, g_hp, strict=True)]
 
 
-def test_booster_update_is_align_gradient_plus_lam_times_the_harmful_gradient_change():
+def test_booster_update_matches_the_reference_written_out():
     model, lam, alpha = make_model(), 5.0, 0.1
     ref = copy.deepcopy(model)
     theta = clone_params(model)
     stats = BoosterStep(lambda: HARM, lam=lam, alpha=alpha)(model, ALIGN, SGDEngine(model, lr=1.0))
-    assert_update(theta, model, hand_booster_gradient(ref, lam, alpha))
+    assert_update(theta, model, reference_booster_gradient(ref, lam, alpha))
     assert stats["n_backward"] == 3
     assert stats["harmful_loss"] == pytest.approx(ref(**HARM).loss.item(), rel=1e-6)
     assert stats["harmful_drop"] > 0  # a normalised step down the harmful gradient lowers the harmful loss
+
+
+def test_booster_harmful_batch_size_reaches_the_side_stream():
+    from hftlab.config.schema import AlignConfig, BoosterConfig
+    from hftlab.training.methods import side_batch_size
+
+    assert side_batch_size(AlignConfig(method="booster", batch_size=32)) == 32
+    assert side_batch_size(AlignConfig(method="booster", booster=BoosterConfig(harmful_batch_size=10))) == 10
 
 
 def test_booster_probe_restores_theta_bit_for_bit():
@@ -221,7 +249,7 @@ def test_booster_without_regulariser_equals_sft_bit_for_bit(lam, alpha):
 
 
 def official_mmd(source: torch.Tensor, target: torch.Tensor, kernel_mul: float = 2.0, kernel_num: int = 5) -> torch.Tensor:
-    """The official MMD_loss written out (explicit pairwise differences, not the Gram identity)."""
+    """representation-noising loss.py:L17-L49 written out (explicit pairwise differences, not the Gram identity)."""
     total = torch.cat([source, target])
     n = total.shape[0]
     dist = ((total.unsqueeze(0) - total.unsqueeze(1)) ** 2).sum(2)
@@ -245,39 +273,116 @@ def test_mmd_on_numbers_by_hand():
     assert float(mmd(a, a)) == pytest.approx(0.0, abs=1e-6)
 
 
-def hand_repnoise(model: torch.nn.Module, alpha: float, beta: float, seed: int, ascent: str = "log") -> dict:
-    harmless = model(**ALIGN).loss
-    out = model(input_ids=HARM["input_ids"], attention_mask=HARM["attention_mask"], output_hidden_states=True)
-    logits, target = out.logits[:, :-1], HARM["labels"][:, 1:]
-    harmful = F.cross_entropy(logits.reshape(-1, VOCAB), target.reshape(-1), ignore_index=-100)
-    if ascent == "log":
-        asc = -torch.log(harmful)
+def masked_token_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """loss.py:L52-L71 written out: logits * mask[:-1], targets ids[1:] * mask[1:], target 0 ignored, mean."""
+    lg = logits[:, :-1] * mask[:, :-1, None]
+    target = ids[:, 1:] * mask[:, 1:]
+    target = torch.where(target == 0, torch.full_like(target, -100), target)
+    return F.cross_entropy(lg.reshape(-1, lg.shape[-1]), target.reshape(-1), ignore_index=-100)
+
+
+def reference_repnoise(model, harmless: dict, harmful: dict, alpha: float, beta: float, seed: int, mask: str) -> dict:
+    """rep_noise_loss, loss.py:L74-L130 @ 03689ff written out. mask="differ": the reference's mask (L93);
+    "response": ours, the harmful answer tokens, with the harmless term the plain answer-token cross-entropy."""
+    acts = {}
+    handles = [layer.mlp.register_forward_hook(lambda _m, _i, o, i=i: acts.__setitem__(i, o))
+               for i, layer in enumerate(model.model.layers)]
+    out = model(input_ids=harmful["input_ids"], attention_mask=harmful["attention_mask"], output_hidden_states=True)
+    for h in handles:
+        h.remove()
+    if mask == "differ":
+        m = (harmful["input_ids"] != harmless["input_ids"]).long()
+
+        def ce(logits):
+            return masked_token_ce(logits, harmful["input_ids"], m)
+
+        harmless_loss = masked_token_ce(model(input_ids=harmless["input_ids"], attention_mask=harmless["attention_mask"]).logits,
+                                        harmless["input_ids"], m)
     else:
-        keep = target != -100
-        p = logits.softmax(-1)[keep].gather(-1, target[keep].unsqueeze(-1)).squeeze(-1)
-        asc = -torch.log(1 - p).mean()
-    gen, m = torch.Generator().manual_seed(seed), (HARM["labels"] != -100).unsqueeze(-1).float()
-    terms = []
-    for h in out.hidden_states:
-        noise = torch.randn(h.shape, generator=gen) * m
-        terms.append(official_mmd((h * m).reshape(h.shape[0], -1), noise.reshape(h.shape[0], -1)))
-    noise_mmd = sum(terms) / len(terms)
-    assert len(terms) == 3  # embeddings + 2 layers
-    return {"loss": harmless, "harmful_loss": harmful, "ascent": asc, "noise_mmd": noise_mmd,
-            "total": harmless + beta * asc + alpha * noise_mmd}
+        m = (harmful["labels"] != -100).long()
+
+        def ce(logits):
+            return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), harmful["labels"][:, 1:].reshape(-1), ignore_index=-100)
+
+        harmless_loss = model(**harmless).loss
+    gen = torch.Generator().manual_seed(seed)  # our step's noise source: the same draws, layer by layer
+    noise_loss = 0
+    for i in range(len(model.model.layers)):
+        hidden = acts[i] * m[..., None]
+        gaussian = torch.randn(hidden.shape, generator=gen) * m[..., None]
+        noise_loss = noise_loss + official_mmd(hidden.reshape(len(hidden), -1), gaussian.reshape(len(hidden), -1))
+    noise_loss = noise_loss / len(model.model.layers)
+    harmful_losses = ce(out.logits)
+    final = harmful_losses
+    for h in out.hidden_states:  # the logit lens of every hidden state through the final norm and lm_head
+        harmful_losses = harmful_losses + ce(model.lm_head(model.model.norm(h)))
+    harmful_losses = harmful_losses / len(out.hidden_states) + 1
+    assert len(out.hidden_states) == 3  # embeddings, layer 0, the normed last layer
+    total = harmless_loss + beta * noise_loss - alpha * torch.log(harmful_losses)
+    return {"loss": harmless_loss, "harmful_loss": final, "lens_loss": harmful_losses - 1, "noise_mmd": noise_loss,
+            "ascent": -torch.log(harmful_losses), "total": total}
 
 
-@pytest.mark.parametrize("ascent", ["log", "unlikelihood"])
-def test_repnoise_components_and_update_match_hand_computed(ascent):
-    model, alpha, beta = make_model(), 1.0, 0.5  # a beta large enough that the ascent term shows in the update
+def paired_batches() -> tuple[dict, dict]:
+    """A harmless and a harmful batch on the same prompts (3 tokens), answers differing; one target id is 0."""
+    harmless, harmful = make_batch(11), make_batch(12)
+    harmful["input_ids"][:, :3] = harmless["input_ids"][:, :3]
+    harmful["input_ids"][-1, -2:] = harmless["input_ids"][-1, -2:]  # shared padding
+    harmful["attention_mask"] = harmless["attention_mask"].clone()
+    harmful["input_ids"][0, 5] = 0  # a token id 0 inside the mask: the reference ignores it as a target
+    for b in (harmless, harmful):
+        b["labels"] = torch.where(b["attention_mask"] == 1, b["input_ids"], torch.full_like(b["input_ids"], -100))
+        b["labels"][:, :3] = -100
+    return harmless, harmful
+
+
+@pytest.mark.parametrize("mask", ["response", "differ"])
+def test_repnoise_update_matches_the_reference_written_out(mask):
+    """alpha and beta distinct, so a swap of the two weights (beta on the log, alpha on the MMD) would show."""
+    model, alpha, beta = make_model(), 0.7, 0.3
+    harmless, harmful = paired_batches() if mask == "differ" else (ALIGN, HARM)
     ref = copy.deepcopy(model)
     theta = clone_params(model)
-    stats = RepNoiseStep(lambda: HARM, alpha=alpha, beta=beta, ascent=ascent, seed=3)(model, ALIGN, SGDEngine(model, 1.0))
-    hand = hand_repnoise(ref, alpha, beta, seed=3, ascent=ascent)
-    for key in ("loss", "harmful_loss", "ascent", "noise_mmd", "total"):
-        assert stats[key] == pytest.approx(hand[key].item(), rel=1e-5, abs=1e-7), key
-    assert_update(theta, model, grads(ref, hand["total"]))
+    step = RepNoiseStep(lambda: harmful, alpha=alpha, beta=beta, mask=mask, seed=3)
+    stats = step(model, harmless, SGDEngine(model, 1.0))
+    want = reference_repnoise(ref, harmless, harmful, alpha, beta, seed=3, mask=mask)
+    for key in ("loss", "harmful_loss", "lens_loss", "ascent", "noise_mmd", "total"):
+        assert stats[key] == pytest.approx(want[key].item(), rel=1e-5, abs=1e-7), key
+    assert stats["total"] == pytest.approx(stats["loss"] + beta * stats["noise_mmd"] + alpha * stats["ascent"], rel=1e-6)
+    assert_update(theta, model, grads(ref, want["total"]))
     assert stats["n_backward"] == 1 and stats["n_forward"] == 2 and stats["noise_mmd"] > 0
+
+
+def test_repnoise_defaults_are_the_reference_weights():
+    """alpha = 1 on -log(L_lens + 1), beta = 0.001 on the MMD (loss.py:L76, L129), through the config and build_step."""
+    from hftlab.config.schema import AlignConfig
+    from hftlab.training.methods import build_step
+
+    model = make_model()
+    step = build_step(AlignConfig(method="repnoise"), SGDEngine(model, 1e-3), side=lambda: HARM, seed=3)
+    assert (step.alpha, step.beta, step.mask) == (1.0, 0.001, "response")
+    ref = copy.deepcopy(model)
+    stats = step(model, ALIGN, SGDEngine(model, 1e-3))
+    want = reference_repnoise(ref, ALIGN, HARM, 1.0, 0.001, seed=3, mask="response")
+    assert stats["total"] == pytest.approx(want["total"].item(), rel=1e-6)
+    assert stats["total"] == pytest.approx(stats["loss"] + 0.001 * stats["noise_mmd"] + stats["ascent"], rel=1e-6)
+
+
+def test_repnoise_paired_side_pairs_answer_the_same_prompts():
+    from hftlab.config import load_config
+    from hftlab.plan import plan, side_pairs
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", ["align.method=repnoise", "align.repnoise.paired=true",
+                                                        "align.repnoise.mask=differ", "tracking.enabled=false"])
+    p = plan(cfg)
+    side = side_pairs(cfg.align, p)
+    assert [q for q, _ in side] == [q for q, _ in p.align_pairs]
+    harmful = {h.prompt: h.response for h in p.defense_harmful}
+    matched = [(q, r) for q, r in side if q in harmful]
+    assert len(matched) == len(p.alignment) and all(r == harmful[q] for q, r in matched)
+    benign = side[len(p.alignment):]  # benign rows have no harmful answer: paired with themselves
+    assert benign == p.align_pairs[len(p.alignment):]
 
 
 def test_repnoise_zero_weights_equal_sft_bit_for_bit():
@@ -303,7 +408,92 @@ def test_repnoise_state_dict_resumes_the_same_noise():
     assert RepNoiseStep(lambda: HARM, seed=4)(model, ALIGN, eng)["noise_mmd"] != expected[0]
 
 
-# ---- all three reduce their objective under LocalEngine ---------------------------------------------------------
+# ---- Lisa -------------------------------------------------------------------------------------------------------
+
+
+def reference_lisa(model: torch.nn.Module, user: list[dict], align: list[dict], rho: float, a_steps: int, f_steps: int,
+                   proximal_after: float, lr: float) -> list[str]:
+    """git-disl/Lisa LisaTrainer (trainer.py:L78-L209 @ 68e3659) written out with SGD: check_mode, switch_model, the
+    proximal term toward the other phase's weights, none while steps <= proximal_after. Returns the phases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    status = "alignment"
+    alignment_w = [p.detach().clone() for p in params]
+    finetune_w = [p.detach().clone() for p in params]
+    clock = steps = 0
+    align_iter = iter(align)
+    phases = []
+    for batch in user:
+        if status == "alignment":
+            if clock % a_steps == 0 and steps != 0:
+                status = "finetune"
+                alignment_w = [p.detach().clone() for p in params]
+                clock = 0
+            else:
+                batch = next(align_iter)
+        elif clock % f_steps == 0 and steps != 0:
+            status = "alignment"
+            finetune_w = [p.detach().clone() for p in params]
+            batch = next(align_iter)
+            clock = 0
+        loss = model(**batch).loss
+        if steps > proximal_after:
+            anchor = finetune_w if status == "alignment" else alignment_w
+            for p, w in zip(params, anchor, strict=True):
+                loss = loss + rho / 2 * torch.norm(p - w) ** 2
+        g = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, x in zip(params, g, strict=True):
+                p.sub_(lr * x)
+        phases.append(status)
+        steps += 1
+        clock += 1
+    return phases
+
+
+def test_lisa_matches_the_reference_written_out():
+    from hftlab.algorithms.lisa import LisaStep
+
+    model, rho, lr = make_model(), 0.5, 0.05
+    user = [make_batch(20 + i) for i in range(9)]
+    align = [make_batch(40 + i) for i in range(9)]
+    ref = copy.deepcopy(model)
+    phases = reference_lisa(ref, user, align, rho, 2, 3, proximal_after=1, lr=lr)
+    stream = iter(align)
+    step = LisaStep(lambda: next(stream), list(model.parameters()), rho=rho, alignment_steps=2, finetune_steps=3,
+                    proximal_from=1)
+    eng = SGDEngine(model, lr=lr)
+    stats = [step(model, b, eng) for b in user]
+    assert phases == ["alignment"] * 2 + ["finetune"] * 3 + ["alignment"] * 2 + ["finetune"] * 2
+    assert [s["phase"] for s in stats] == [float(p == "alignment") for p in phases]
+    assert math.isnan(stats[1]["proximal"]) and stats[2]["proximal"] == 0  # off while steps <= 1; anchor = theta
+    assert stats[3]["proximal"] > 0
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_lisa_state_dict_resumes_phase_and_anchors():
+    from hftlab.algorithms.lisa import LisaStep
+
+    user = [make_batch(60 + i) for i in range(8)]
+
+    def run(split: int | None):
+        model = make_model()
+        stream = iter([make_batch(80 + i) for i in range(8)])
+        step = LisaStep(lambda: next(stream), list(model.parameters()), rho=1.0, alignment_steps=2, finetune_steps=2)
+        eng = SGDEngine(model, lr=0.05)
+        for i, b in enumerate(user):
+            if i == split:  # a fresh step object with the saved state, as after a resume
+                state = copy.deepcopy(step.state_dict())
+                step = LisaStep(lambda: next(stream), list(model.parameters()), rho=1.0, alignment_steps=2,
+                                finetune_steps=2)
+                step.load_state_dict(state)
+            step(model, b, eng)
+        return model
+
+    assert same_params(run(None), run(5))
+
+
+# ---- all of them reduce their objective under LocalEngine -------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["vaccine", "booster", "repnoise"])

@@ -28,7 +28,8 @@ def test_overhead_bench_prints_one_json_line_of_ratios(tmp_path, tiny_cache):
     assert row["vaccine_vs_sft"] > 1.0 and row["booster_vs_sft"] > 1.0 and row["repnoise_vs_sft"] > 1.0
     # SafeGrad: an alignment-gradient probe every step (k=1) or every 4th (k=4: 2, 1, 1, 1, 2, 1 over 6 steps)
     assert row["safegrad_k1_mean_backward"] == 2 and row["safegrad_k4_mean_backward"] == pytest.approx(8 / 6, abs=1e-3)
-    assert row["safegrad_k1_vs_sft"] > row["safegrad_k4_vs_sft"] > 0
+    assert row["safegrad_k4_uncached_mean_backward"] == pytest.approx(8 / 6, abs=1e-3)
+    assert row["safegrad_k1_vs_sft"] > 0 and row["safegrad_k4_vs_sft"] > 0 and row["safegrad_reference_s"] >= 0
 
 
 @pytest.mark.slow
@@ -46,7 +47,9 @@ def test_groups_bench_prints_one_json_line_of_rates(tmp_path, tiny_cache):
     # the ratios are the rates' own, measured in this run
     assert row["ray_2_actors_vs_naive"] == pytest.approx(row["ray_2_actors_per_s"] / row["naive_per_s"], abs=0.01)
     assert row["two_vs_one_actor"] == pytest.approx(row["ray_2_actors_per_s"] / row["ray_1_actor_per_s"], abs=0.01)
-    assert row["two_vs_one_process_no_ray"] > 0 and row["engine_vs_hf_generate"] > 0 and row["past_start_two_vs_one_actor"] > 0
+    assert row["two_vs_one_process_no_ray"] > 0 and row["engine_vs_hf_generate"] > 0
+    # past the start: a rate over a difference of two timed runs, null when that difference is not positive
+    assert all(row[k] is None or row[k] > 0 for k in ("past_start_two_vs_one_actor", "past_start_ray_1_actor_per_s"))
     assert 0 < row["loss_score_vs_generation_cost"] and row["keep_freed_memory_speedup"] > 0
 
 

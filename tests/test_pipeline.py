@@ -95,3 +95,18 @@ def test_compute_matched_sft_takes_more_steps_and_hs_plus_is_logged(smoke):
     for stage in ("base", "aligned", "finetuned"):
         m = got.data.metrics
         assert m[f"{stage}.hs"] <= m[f"{stage}.hs_plus"] <= m[f"{stage}.hs"] + m[f"{stage}.degenerate"]
+
+
+@pytest.mark.slow
+def test_lisa_fine_tunes_after_paired_repnoise_in_the_pipeline(smoke):
+    """Wiring: RepNoise with the reference's paired data and mask, then Lisa with the plan's alignment pairs, in one
+    process; Lisa's phases (alignment 1, fine-tuning 0) and proximal term are logged."""
+    cfg = smoke("align.method=repnoise", "align.repnoise.paired=true", "align.repnoise.mask=differ", "align.epochs=1",
+                "finetune.method=lisa", "finetune.lisa.alignment_steps=5", "finetune.lisa.finetune_steps=10",
+                "finetune.lisa.n_alignment=64", "finetune.epochs=2", "eval.n_harmful=20", "eval.n_task=20")
+    summary = run(cfg, log=lambda *_: None)
+    client = mlflow.MlflowClient(tracking_uri=summary["tracking_uri"])
+    phases = {m.step: m.value for m in client.get_metric_history(summary["run_id"], "finetune.phase")}
+    assert phases[10] == 0.0 and phases[20] == 1.0  # steps 1-5 align, 6-15 fine-tune, 16-20 align (every 10th logged)
+    assert client.get_metric_history(summary["run_id"], "finetune.proximal")
+    assert client.get_metric_history(summary["run_id"], "align.noise_mmd")

@@ -1,4 +1,5 @@
-"""Ray Train with 2 CPU workers (DDP over gloo) gives the same weights as 1 worker, for SFT and VAA."""
+"""Ray Train with 2 CPU workers (DDP over gloo) gives the same weights as 1 worker: SFT, VAA, SafeGrad, Vaccine,
+Booster, RepNoise, Lisa; DeepSpeed ZeRO-2; and a crashed run resumes to the unbroken run's weights."""
 
 from __future__ import annotations
 
@@ -107,9 +108,11 @@ def test_safegrad_two_workers_match_one_worker(smoke, ray_local, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [None, 2])
 def test_a_crashed_run_resumes_from_its_checkpoint_exactly(smoke, ray_local, tmp_path, zero_stage):
-    """VAA on 2 workers, checkpoint every 2 steps, a worker crashes after step 5: the result equals the unbroken run."""
+    """VAA on 2 workers, checkpoint every 2 steps, a worker crashes after step 5: the result equals the unbroken run.
+    Under the references' recipe (clipping, weight decay, cosine schedule with warmup): the schedule resumes too."""
     cfg = smoke("align.method=vaa", "align.epochs=1", "align.batch_size=8", "align.lr=1e-3", "align.vaa.rho=0.3",
-                "align.vaa.eta_q=0.5", "align.checkpoint_every=2", f"align.zero_stage={zero_stage or 'null'}")
+                "align.vaa.eta_q=0.5", "align.checkpoint_every=2", f"align.zero_stage={zero_stage or 'null'}",
+                "align.max_grad_norm=0.5", "align.weight_decay=0.1", "align.lr_scheduler=cosine", "align.warmup_ratio=0.25")
     base = base_model(cfg, log=lambda *_: None)
     pairs = [(a.prompt, a.response) for a in build_world(cfg.data.toy).alignment[:64]]
     groups = [int(i % 3 == 0) for i in range(len(pairs))]
@@ -165,3 +168,93 @@ def test_gpus_asked_of_a_cluster_without_any_fail_at_once_naming_the_field(smoke
     with pytest.raises(ConfigError, match=r"finetune\.use_gpu=True: asks for one GPU per Ray Train worker \(2\), "
                                           r"and the Ray cluster has 0"):
         run(smoke("finetune.workers=2", "finetune.use_gpu=true"), log=lambda *_: None)
+
+
+def _pairs_and_side(cfg, method: str) -> tuple[list, list]:
+    """60 training pairs and the method's side data (harmful pairs, paired ones, or alignment pairs for Lisa)."""
+    world = build_world(cfg.data.toy)
+    if method == "lisa":
+        return [(h.prompt, h.response) for h in world.poison[:60]], [(a.prompt, a.response) for a in world.alignment[:30]]
+    pairs = [(a.prompt, a.response) for a in world.alignment[:60]]
+    harmful = {h.prompt: h.response for h in world.alignment_harmful}
+    if method == "repnoise_paired":  # row i: the harmful answer to alignment pair i's prompt
+        return pairs, [(q, harmful[q]) for q, _ in pairs]
+    return pairs, [(h.prompt, h.response) for h in world.alignment_harmful[60:105]]
+
+
+def one_process(cfg, stage, base: str, pairs: list, side: list) -> dict[str, torch.Tensor]:
+    """What 1 Ray Train worker computes, run in this process (no worker group to start): the same batches, side
+    stream, step (token-sum loss), recipe and seed as training/trainer.py's loop with world size 1."""
+    from hftlab.models.loading import load_model
+    from hftlab.training.batches import encode
+    from hftlab.training.loop import train
+    from hftlab.training.methods import build_step, side_batch_size, side_paired, side_stream, step_budget
+    from hftlab.training.trainer import token_sum_loss
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker (threads=1)
+    try:
+        model, tok = load_model(base)
+        enc = encode(tok, side, cfg.data.template, cfg.base.max_length)
+        total = step_budget(stage, len(pairs))
+
+        def make_step(engine):
+            src = side_stream(enc, side_batch_size(stage), tok.pad_token_id, 0, model.device, paired=side_paired(stage))
+            return build_step(stage, engine, side=src, loss_fn=token_sum_loss, seed=0, total_steps=total,
+                              pad_id=tok.pad_token_id, side_rows=enc)
+
+        train(model, tok, pairs, template=cfg.data.template, epochs=stage.epochs, lr=stage.lr, batch_size=stage.batch_size,
+              seed=0, max_length=cfg.base.max_length, weight_decay=stage.weight_decay, max_grad_norm=stage.max_grad_norm,
+              lr_scheduler=stage.lr_scheduler, warmup_ratio=stage.warmup_ratio, make_step=make_step, max_steps=total)
+    finally:
+        torch.set_num_threads(threads)
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["vaccine", "booster", "repnoise", "repnoise_paired", "lisa"])
+def test_baselines_two_workers_match_one_worker(smoke, ray_local, tmp_path, method):
+    """Exact, not within a bound: Vaccine all-reduces ||g||, Booster averages its probes, RepNoise all-reduces its log
+    term and takes the MMD over the global batch, Lisa's anchors are the same weights on every rank (each algorithm's
+    "Distributed" note). 2 Ray Train workers against one worker's computation run in this process (`one_process`).
+    Batch 15 gives the ranks 8 and 7 rows; under the references' recipe (clipping, weight decay, warmup, cosine)."""
+    kind = "finetune" if method == "lisa" else "align"
+    name = method.split("_")[0]
+    cfg = smoke(f"{kind}.method={name}", f"{kind}.epochs=1", f"{kind}.batch_size=15", f"{kind}.lr=1e-3",
+                f"{kind}.max_grad_norm=1.0", f"{kind}.weight_decay=0.1", f"{kind}.lr_scheduler=cosine",
+                f"{kind}.warmup_ratio=0.25", "align.booster.alpha=0.5", "align.repnoise.beta=0.5",
+                "finetune.lisa.alignment_steps=1", "finetune.lisa.finetune_steps=2", "finetune.lisa.proximal_after=0.2",
+                *(["align.repnoise.paired=true", "align.repnoise.mask=differ"] if method == "repnoise_paired" else []))
+    stage = getattr(cfg, kind)
+    base = base_model(cfg, log=lambda *_: None)
+    pairs, side = _pairs_and_side(cfg, method)
+    metrics = train_distributed(stage, base, pairs, tmp_path / "w2", workers=2, seed=0, side=side,
+                                template=cfg.data.template, max_length=cfg.base.max_length, storage_path=str(tmp_path / "ray"))
+    assert metrics["steps"] == 4 and metrics["world_size"] == 2
+    two, start = weights(tmp_path / "w2"), weights(type(tmp_path)(base))
+    one = one_process(cfg, stage, base, pairs, side)
+    assert max((one[k] - start[k]).abs().max().item() for k in two) > 1e-3
+    for k in two:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_safegrad_resumed_from_a_checkpoint_keeps_the_aligned_model_as_kl_reference(smoke, ray_local, tmp_path):
+    """The KL target is the aligned parent, also after a resume (not a copy of the half-tuned checkpoint): rho > 0
+    puts g_a into every update, so a run resumed against the checkpoint would end elsewhere."""
+    cfg = smoke("finetune.method=safegrad", "finetune.epochs=1", "finetune.batch_size=8", "finetune.lr=1e-3",
+                "finetune.safegrad.rho=1.0", "finetune.safegrad.batch_size=8", "finetune.checkpoint_every=2",
+                "finetune.safegrad.cache_reference=true")  # the default outside the toy configs: cached at setup
+    base = base_model(cfg, log=lambda *_: None)
+    world = build_world(cfg.data.toy)
+    pairs = [(h.prompt, h.response) for h in world.poison[:48]]
+    side = [(a.prompt, a.response) for a in world.alignment[:16]]
+    common = dict(workers=2, seed=0, template=cfg.data.template, max_length=cfg.base.max_length, side=side,
+                  storage_path=str(tmp_path / "ray"))
+    train_distributed(cfg.finetune, base, pairs, tmp_path / "clean", **common)
+    metrics = train_distributed(cfg.finetune, base, pairs, tmp_path / "crashed", max_failures=1, fail_at_step=3, **common)
+    assert metrics["steps"] == 6
+    clean, crashed, start = weights(tmp_path / "clean"), weights(tmp_path / "crashed"), weights(type(tmp_path)(base))
+    assert max((clean[k] - start[k]).abs().max().item() for k in clean) > 1e-3
+    for k in clean:
+        torch.testing.assert_close(crashed[k], clean[k], rtol=0, atol=1e-6)

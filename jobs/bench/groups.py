@@ -157,6 +157,10 @@ def score_costs(cfg, examples, checkpoints) -> tuple[float, float]:
     return gen_s, loss_s
 
 
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
 def main(out=sys.stdout) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/quickstart.yaml")
@@ -199,8 +203,10 @@ def main(out=sys.stdout) -> None:
     ray.shutdown()
     med = {k: statistics.median(v) for k, v in runs.items()}
     rate = {a: rows / med[f"ray_{a}"] for a in (1, 2)}  # end to end
-    # past the start: the rows beyond the start run over the seconds beyond it
-    marginal = {a: (rows - start_rows[a]) / (med[f"ray_{a}"] - med[f"start_{a}"]) for a in (1, 2)}
+    # past the start: the rows beyond the start run over the seconds beyond it. Two separately timed runs: on a busy
+    # machine the difference can come out <= 0, and then the rate is not measured (null), never negative
+    marginal = {a: (rows - start_rows[a]) / (med[f"ray_{a}"] - med[f"start_{a}"])
+                if med[f"ray_{a}"] > med[f"start_{a}"] else None for a in (1, 2)}
     gen_s, loss_s = score_costs(cfg, subset, checkpoints)
     alone = (cfg, [e.prompt for e in examples], checkpoints[-1])
     one: dict[str, list[float]] = {"on": [], "off": []}  # one plain process, hftlab's allocator setting on / off
@@ -217,9 +223,9 @@ def main(out=sys.stdout) -> None:
         "two_vs_one_actor_per_round": [round(a / b, 2) for a, b in zip(runs["ray_1"], runs["ray_2"], strict=True)],
         "ray_1_actor_s": round(med["ray_1"], 2), "ray_2_actors_s": round(med["ray_2"], 2),
         "pool_start_1_actor_s": round(med["start_1"], 2), "pool_start_2_actors_s": round(med["start_2"], 2),
-        "past_start_ray_1_actor_per_s": round(marginal[1], 2), "past_start_ray_2_actors_per_s": round(marginal[2], 2),
-        "past_start_ray_2_actors_vs_naive": round(marginal[2] / med["naive"], 2),
-        "past_start_two_vs_one_actor": round(marginal[2] / marginal[1], 2),
+        "past_start_ray_1_actor_per_s": _round(marginal[1]), "past_start_ray_2_actors_per_s": _round(marginal[2]),
+        "past_start_ray_2_actors_vs_naive": _round(marginal[2] and marginal[2] / med["naive"]),
+        "past_start_two_vs_one_actor": _round(marginal[1] and marginal[2] and marginal[2] / marginal[1]),
         "two_vs_one_process_no_ray": round(two_processes / statistics.median(one["on"]), 2),
         # hftlab keeps freed memory mapped (allocator.py); the same decoding in a process where it is off
         "keep_freed_memory_speedup": round(statistics.median(a / b for a, b in zip(one["on"], one["off"], strict=True)), 2),

@@ -17,7 +17,7 @@ from hftlab.data.mixing import finetune_mix
 from hftlab.data.records import AlignmentPair, HarmfulPair, TaskExample
 from hftlab.data.splits import Split, load_split
 from hftlab.data.toyworld import build_world
-from hftlab.training.methods import side_data
+from hftlab.training.methods import side_data, side_paired
 
 
 @dataclass
@@ -143,13 +143,30 @@ def with_refusals(p: Plan, refusals: list[AlignmentPair]) -> Plan:
 
 
 def side_pairs(stage_cfg, p: Plan) -> list[tuple[str, str]] | None:
-    """The extra data a method trains with: SafeGrad's alignment pairs, Booster's and RepNoise's harmful pairs."""
+    """The extra data a method trains with: SafeGrad's and Lisa's alignment pairs, Booster's and RepNoise's harmful
+    pairs (RepNoise `paired`: row i the harmful answer to alignment pair i's prompt, see harmful_counterparts)."""
     need = side_data(stage_cfg)
     if need == "alignment":
-        n = stage_cfg.safegrad.n_alignment
-        if n > len(p.alignment) + len(p.refusal_prompts):
-            raise ConfigError("finetune.safegrad.n_alignment", n, f"the alignment set has {len(p.alignment)} pairs")
+        field_name, n = (("finetune.safegrad.n_alignment", stage_cfg.safegrad.n_alignment) if stage_cfg.method == "safegrad"
+                         else ("finetune.lisa.n_alignment", stage_cfg.lisa.n_alignment))
+        if n is not None and n > len(p.alignment) + len(p.refusal_prompts):
+            raise ConfigError(field_name, n, f"the alignment set has {len(p.alignment)} pairs")
         return [(a.prompt, a.response) for a in p.alignment[:n]]
     if need == "harmful":
+        if side_paired(stage_cfg):
+            return harmful_counterparts(p)
         return [(h.prompt, h.response) for h in p.defense_harmful]
     return None
+
+
+def harmful_counterparts(p: Plan) -> list[tuple[str, str]]:
+    """Per alignment pair, a harmful answer to the same prompt (the defenses' harmful pool, or the harmful answers
+    whose prompts became distilled refusals), else the alignment pair itself: RepNoise's paired data, where such a
+    self-pair has no differing tokens (representation-noising datasets.py pairs refusals and harmful answers by row)."""
+    harmful: dict[str, str] = {}
+    for h in [*p.defense_harmful, *p.refusal_prompts]:
+        harmful.setdefault(h.prompt, h.response)
+    pairs = [(prompt, harmful.get(prompt, response)) for prompt, response in p.align_pairs]
+    if not p.refusal_prompts and not any(prompt in harmful for prompt, _ in p.align_pairs):  # refusals join later
+        raise ConfigError("align.repnoise.paired", True, "no alignment prompt has a harmful answer to pair it with")
+    return pairs

@@ -73,8 +73,9 @@ def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]
 
     log(f"[{kind}] {stage_cfg.method}: {len(pairs)} examples x {stage_cfg.epochs} epochs, lr {stage_cfg.lr}")
     common = dict(template=cfg.data.template, epochs=stage_cfg.epochs, lr=stage_cfg.lr, batch_size=stage_cfg.batch_size,
-                  seed=cfg.seed, max_length=cfg.base.max_length, weight_decay=stage_cfg.weight_decay, on_step=on_step,
-                  desc=f"{kind} ({stage_cfg.method})")
+                  seed=cfg.seed, max_length=cfg.base.max_length, weight_decay=stage_cfg.weight_decay,
+                  max_grad_norm=stage_cfg.max_grad_norm, lr_scheduler=stage_cfg.lr_scheduler,
+                  warmup_ratio=stage_cfg.warmup_ratio, on_step=on_step, desc=f"{kind} ({stage_cfg.method})")
     if stage_cfg.method == "vaa":
         from hftlab.training.grouped import plot_history, train_vaa
 
@@ -82,17 +83,19 @@ def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]
         with tempfile.TemporaryDirectory() as tmp:
             tracker.artifact(plot_history(history, Path(tmp) / f"{kind}-q-and-group-losses.png"), "plots")
     else:
-        from hftlab.training.methods import build_step, side_stream, step_budget
+        from hftlab.training.methods import build_step, side_batch_size, side_paired, side_stream, step_budget
+
+        budget = step_budget(stage_cfg, len(pairs))
 
         def make_step(engine):  # the side stream is built here, once the model's device is known
-            src = None
+            src, enc, pad = None, None, tokenizer.pad_token_id
             if side is not None:
-                bs = stage_cfg.safegrad.batch_size if stage_cfg.method == "safegrad" else stage_cfg.batch_size
                 enc = encode(tokenizer, side, cfg.data.template, cfg.base.max_length)
-                src = side_stream(enc, bs, tokenizer.pad_token_id, cfg.seed, model.device)
-            return build_step(stage_cfg, engine, side=src, seed=cfg.seed)
+                src = side_stream(enc, side_batch_size(stage_cfg), pad, cfg.seed, model.device,
+                                  paired=side_paired(stage_cfg))
+            return build_step(stage_cfg, engine, side=src, seed=cfg.seed, total_steps=budget, pad_id=pad, side_rows=enc)
 
-        stats = train(model, tokenizer, pairs, make_step=make_step, max_steps=step_budget(stage_cfg, len(pairs)), **common)
+        stats = train(model, tokenizer, pairs, make_step=make_step, max_steps=budget, **common)
     log(f"[{kind}] done in {stats['seconds']:.1f}s, final epoch loss {stats['loss']:.4f}")
     tracker.metrics({f"{kind}.train_seconds": stats["seconds"], f"{kind}.final_loss": stats["loss"],
                      f"{kind}.steps": stats["steps"], **{f"{kind}.{k}": v for k, v in stats.items() if k.startswith("final_q")}})

@@ -17,13 +17,18 @@ step computes three gradients on two batches:
 
 Cost: three backward passes, about 3x SFT (the two probes are on the harmful batch).
 
-Followed: git-disl/Booster `BoosterAlignmentTrainer.training_step` (stored_grads = g_h, param -= alpha g_h /
-(||g_h|| + 1e-7), perturb_grads = g_h', restore, alignment backward, grad += lamb * stored - lamb * perturb), and
-its defaults lamb = 5, alpha = 0.1 as we remember the scripts/paper. Deviations:
-- the official code restores theta with `+= alpha g / norm`, which drifts by rounding; we copy the saved weights
+As git-disl/Booster runs it (`BoosterAlignmentTrainer.training_step`, trainer.py:L272-L389 @ 6421918, the path
+without --perturb_aware, L359-L386): g_h from the harmful batch (L280-L291), theta -= alpha g_h / (||g_h|| + 1e-7)
+(L294-L300), g_h' at the perturbed weights (L303-L313), theta restored (L316-L319), the alignment backward and
+grad += lamb * g_h - lamb * g_h' (L364-L375). Defaults lam = 5, alpha = 0.1 (script/alignment/smooth_align.sh:
+L14-L15); the harmful batch is a fresh random batch per step, 10 rows (L146-L180; `align.booster.harmful_batch_size`,
+null = the stage's batch size, which is 10 in that script too). Deviations:
+- the reference restores theta with `+= alpha g / norm`, which drifts by rounding; we copy the saved weights
   back (perturbation.perturbed), so theta is exactly what it was.
-- no 1e-7 in the normalisation: a zero harmful gradient gives no perturbation (and g_h - g_h' = 0) instead.
+- a zero harmful gradient gives no perturbation (g_h - g_h' = 0) instead of 0 / 1e-7.
 - lam = 0 or alpha = 0 make the regulariser's gradient exactly 0: the step is then plain SFT, one backward.
+- ChanLiang/VAA's copy of Booster (trainer.py:L1048-L1068 @ e00cbf4) perturbs with + alpha g / ||g|| and never
+  restores theta; that is not what this file computes.
 
 Distributed: g_h and g_h' come from `engine.grad`, averaged over ranks, so the harmful perturbation, ||g_h|| and
 d are identical on every rank; with token-sum-normalised losses (training/trainer.py) N ranks reproduce one process.
@@ -42,6 +47,7 @@ from hftlab.algorithms.sft import causal_lm_loss
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
+NORM_EPS = 1e-7  # the reference's `grad_norm = self._grad_norm(stored_grads) + 1e-7` (trainer.py:L295)
 
 
 def surrogate(params: list[torch.Tensor], direction: list[torch.Tensor]) -> torch.Tensor:
@@ -76,7 +82,7 @@ class BoosterStep:
         h = self.loss_fn(engine.module, harmful)
         g_h = engine.grad(h)
         norm = global_norm(g_h)
-        with perturbed(engine.params, compute_eps(g_h, -self.alpha)):  # theta - alpha * g_h / ||g_h||
+        with perturbed(engine.params, compute_eps(g_h, -self.alpha, NORM_EPS)):  # theta - alpha g_h / (||g_h|| + 1e-7)
             h_p = self.loss_fn(engine.module, harmful)
             g_hp = engine.grad(h_p)
         d = [self.lam * (a - b) for a, b in zip(g_h, g_hp, strict=True)]

@@ -34,11 +34,12 @@ def global_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compute_eps(grads: Sequence[torch.Tensor], rho: float) -> list[torch.Tensor]:
-    """eps_i = rho * g_i / ||g|| over all tensors together (all zeros when ||g|| = 0, never nan). No host sync."""
+def compute_eps(grads: Sequence[torch.Tensor], rho: float, norm_eps: float = 0.0) -> list[torch.Tensor]:
+    """eps_i = rho * g_i / (||g|| + norm_eps) over all tensors together (all zeros when ||g|| = 0, never nan).
+    No host sync. Booster's reference adds norm_eps = 1e-7 to the norm."""
     norm = global_norm(grads).float()
     # rho / 0 is inf, but `where` discards it: a zero gradient gives eps = 0 exactly
-    scale = torch.where(norm > 0, rho / norm, torch.zeros_like(norm))
+    scale = torch.where(norm > 0, rho / (norm + norm_eps), torch.zeros_like(norm))
     return [(g.detach().float() * scale.to(g.device)).to(g.dtype) for g in grads]
 
 

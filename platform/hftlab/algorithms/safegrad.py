@@ -7,19 +7,24 @@ so about 2x plain fine-tuning at cadence 1 and 1.25x at cadence 4.
 
 Alignment loss, from config:
 - "kl": KL(P_aligned || P_theta) over the alignment batch's response tokens, against the frozen aligned model (the
-  paper's choice). The reference is a callable returning the aligned model's logits: with LoRA the same weights with
-  the adapter disabled (no second copy), for full fine-tuning a frozen copy. At theta = aligned it is 0, and so is
-  its gradient: SafeGrad then projects against nothing until fine-tuning has moved the model.
+  paper's choice). The reference is a callable returning the aligned model's log-probabilities at those tokens
+  (`response_logprobs`): computed once for the fixed alignment set (`CachedReference`), or per probe from the same
+  weights with the LoRA adapter disabled, or from a frozen copy. At theta = aligned the KL is 0, and so is its
+  gradient: SafeGrad then projects against nothing until fine-tuning has moved the model.
 - "ce": cross-entropy on the safe responses, which has a gradient from the first step.
 
 g_a comes from the engine's probe (`engine.grad`, averaged over ranks), g_u from the update's backward
 (`engine.get_grads`), so every rank computes the same dot products and writes the same gradient back.
+
+Followed: the paper (Yi et al. 2025, "Gradient Surgery for Safe LLM Fine-Tuning", arXiv 2508.07172): projection on
+conflict, KL to the aligned model. Its code is announced at an anonymous mirror that could not be retrieved, and no
+public repository holds it, so how the projected gradient and g_a are combined (`rho`) and the cadence are ours.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -33,16 +38,53 @@ LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 ALIGN_LOSSES = ("kl", "ce")
 
 
-def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
+def response_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log P(. | prefix) at the response tokens (labels != -100, next-token aligned), rows then positions: [N, V]."""
+    return F.log_softmax(logits[:, :-1][labels[:, 1:] != -100].float(), dim=-1)
+
+
+def kl_to_reference(logits: torch.Tensor, ref_logp: torch.Tensor, labels: torch.Tensor,
                     norm: torch.Tensor | float | None = None) -> torch.Tensor:
-    """KL(P_ref || P_theta) summed over response tokens (labels != -100, next-token aligned), divided by `norm`
-    (the batch's token count when None; the distributed normaliser otherwise, like token_sum_loss)."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    ref_logp = F.log_softmax(ref_logits[:, :-1].float(), dim=-1)
-    mask = labels[:, 1:] != -100
+    """KL(P_ref || P_theta) summed over response tokens, divided by `norm` (the batch's token count when None; the
+    distributed normaliser otherwise, like token_sum_loss). `ref_logp`: the reference's `response_logprobs`."""
+    logp = response_logprobs(logits, labels)
     per_token = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-    total = (per_token * mask).sum()
-    return total / (mask.sum().clamp(min=1) if norm is None else norm)
+    count = (labels[:, 1:] != -100).sum()
+    return per_token.sum() / (count.clamp(min=1) if norm is None else norm)
+
+
+class CachedReference:
+    """The reference's `response_logprobs` of a fixed set of alignment examples, computed once and then looked up.
+
+    SafeGrad's alignment pairs are a fixed set, so the aligned model's answer distributions never change: one pass at
+    the start replaces a reference forward per probe. Rows are keyed by their token ids (without padding; right
+    padding does not change a causal LM's logits), so any batch of these examples, in any order or slice, is served.
+    Memory: answer tokens x vocabulary floats.
+    """
+
+    def __init__(self, logits_fn: Callable[[Batch], torch.Tensor], batches: Iterable[Batch]) -> None:
+        self.cache: dict[tuple[int, ...], torch.Tensor] = {}
+        with torch.no_grad():
+            for batch in batches:
+                logits = logits_fn(batch)
+                for r in range(batch["input_ids"].shape[0]):
+                    keep = batch["labels"][r : r + 1, 1:] != -100
+                    self.cache[self.key(batch, r)] = F.log_softmax(logits[r : r + 1, :-1][keep].float(), dim=-1)
+
+    @staticmethod
+    def key(batch: Batch, row: int) -> tuple[int, ...]:
+        return tuple(batch["input_ids"][row, : int(batch["attention_mask"][row].sum())].tolist())
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        parts = []
+        for r in range(batch["input_ids"].shape[0]):
+            n = int((batch["labels"][r, 1:] != -100).sum())
+            if n:  # a row without response tokens (a rank's dummy slice) has nothing to look up
+                cached = self.cache[self.key(batch, r)]
+                if cached.shape[0] != n:
+                    raise ValueError(f"cached reference has {cached.shape[0]} response tokens for a row with {n}")
+                parts.append(cached)
+        return torch.cat(parts) if parts else next(iter(self.cache.values()))[:0]
 
 
 class SafeGradStep:
@@ -66,7 +108,7 @@ class SafeGradStep:
         if align_loss not in ALIGN_LOSSES:
             raise ValueError(f"align_loss must be one of {ALIGN_LOSSES}, got {align_loss!r}")
         if align_loss == "kl" and reference is None:
-            raise ValueError("align_loss='kl' needs a reference (the aligned model's logits)")
+            raise ValueError("align_loss='kl' needs a reference (the aligned model's response log-probabilities)")
         if cadence < 1:
             raise ValueError(f"cadence must be >= 1, got {cadence}")
         if rho < 0:

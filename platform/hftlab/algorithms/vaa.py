@@ -4,10 +4,13 @@ Each step: the sampler draws a group g from q, the step trains on one batch of g
 higher loss. The perturbation makes the update robust to a small worst-case weight change, lambda (curriculum)
 decides how much of the step is perturbed. Two objective forms:
 
-- "stochastic" (the official ChanLiang/VAA code): with probability 1 - lambda_t a plain SFT step on the batch;
-  otherwise the gradient at theta gives eps = rho * g / ||g||, the loss is recomputed at theta + eps, theta is
-  restored and the optimizer steps with the perturbed gradient only. One backward on plain steps, two on
-  perturbed ones: about 1.5x SFT on average under a linear 0 -> 1 curriculum.
+- "stochastic" (the official code, `DROSamplingTrainer.training_step`, ChanLiang/VAA trainer.py:L719-L807 @ e00cbf4):
+  with probability 1 - lambda_t a plain SFT step on the batch (L759-L772); otherwise the gradient at theta gives
+  eps = rho * g / ||g||, the loss is recomputed at theta + eps, theta is restored and the optimizer steps with the
+  perturbed gradient only (L774-L805). The sampler is then updated with the perturbed loss (L794-L795; clean loss
+  on plain steps, L761-L762): `update_on_perturbed=True`, the default. One backward on plain steps, two on
+  perturbed ones: about 1.5x SFT on average under a linear 0 -> 1 curriculum. Difference: the reference divides
+  by ||g|| + 1e-7 (L777); ours by ||g|| (a zero gradient gives eps = 0), equal in float32 whenever ||g|| >= 2.
 - "weighted" (the paper's objective): (1 - lambda) l(theta) + lambda l(theta + eps), i.e. the gradients of both
   terms summed with those weights. Two backwards whenever lambda > 0.
 
@@ -48,8 +51,8 @@ class VAAStep:
     Stats: loss (at theta), perturbed_loss (at theta + eps, nan when not computed), group, lambda,
     q_0 .. q_{G-1} (after this step's update) and n_backward. The generator (seeded by `seed` unless given)
     drives both the group draw and the stochastic coin, so ranks sharing a seed make identical choices.
-    The sampler is updated with the loss at theta; `update_on_perturbed=True` instead feeds it the perturbed
-    loss on perturbed steps, as the official code does.
+    The sampler is updated with the perturbed loss on perturbed steps, as the official code does
+    (`update_on_perturbed=True`); with False, always with the loss at theta.
     """
 
     def __init__(
@@ -63,7 +66,7 @@ class VAAStep:
         seed: int = 0,
         generator: torch.Generator | None = None,
         loss_fn: LossFn = causal_lm_loss,
-        update_on_perturbed: bool = False,
+        update_on_perturbed: bool = True,
         reduce_fn: Callable[[float], float] | None = None,
     ) -> None:
         if objective not in OBJECTIVES:

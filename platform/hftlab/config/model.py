@@ -54,6 +54,9 @@ class ModelConfig:
         check(self.max_length > 8, "max_length", self.max_length, "must be > 8")
 
 
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj")
+
+
 @dataclass
 class LoraConfig:
     enabled: bool = False
@@ -62,10 +65,11 @@ class LoraConfig:
     """LoRA rank."""
     alpha: int = 16
     """LoRA scaling numerator (scale = alpha / r)."""
-    dropout: float = 0.0
-    """Dropout on the LoRA branch."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    """Module names that get adapters."""
+    dropout: float = 0.1
+    """Dropout on the LoRA branch (git-disl/Vaccine train.py:L343-L358 and ChanLiang/VAA lm_model.py:L114-L150: 0.1)."""
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    """Module names that get adapters (default: all seven projections of a Llama/Qwen2 block, as Vaccine's and VAA's
+    LoRA; Booster adapts q_proj, k_proj, v_proj)."""
 
     def __post_init__(self) -> None:
         check(self.r > 0, "r", self.r, "must be > 0")

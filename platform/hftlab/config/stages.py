@@ -6,12 +6,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from hftlab.config.errors import check
-from hftlab.config.methods import BoosterConfig, RepNoiseConfig, SafeGradConfig, VAAConfig, VaccineConfig
+from hftlab.config.methods import BoosterConfig, LisaConfig, RepNoiseConfig, SafeGradConfig, VAAConfig, VaccineConfig
 from hftlab.config.model import LoraConfig
 
 TASKS = ("sst2", "agnews", "gsm8k", "alpaca")
 ALIGN_METHODS = ("sft", "vaa", "vaccine", "booster", "repnoise")
-FINETUNE_METHODS = ("sft", "safegrad")
+FINETUNE_METHODS = ("sft", "safegrad", "lisa")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
 
 
 def _check_training(cfg: AlignConfig | FinetuneConfig) -> None:
@@ -23,6 +24,10 @@ def _check_training(cfg: AlignConfig | FinetuneConfig) -> None:
     check(cfg.lr > 0, "lr", cfg.lr, "must be > 0")
     check(cfg.batch_size > 0, "batch_size", cfg.batch_size, "must be > 0")
     check(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "must be >= 0")
+    check(cfg.max_grad_norm is None or cfg.max_grad_norm > 0, "max_grad_norm", cfg.max_grad_norm,
+          "must be > 0 (null: no clipping)")
+    check(cfg.lr_scheduler in LR_SCHEDULERS, "lr_scheduler", cfg.lr_scheduler, f"must be one of {list(LR_SCHEDULERS)}")
+    check(0.0 <= cfg.warmup_ratio < 1.0, "warmup_ratio", cfg.warmup_ratio, "must be in [0, 1)")
 
 
 @dataclass
@@ -35,8 +40,18 @@ class AlignConfig:
     """AdamW learning rate."""
     batch_size: int = 32
     """Examples per optimizer step."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, not on biases and norm weights (the references' --weight_decay 0.1, e.g. git-disl/Vaccine
+    script/alignment/Vaccine.sh:L32; HF Trainer's decay/no-decay split)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the update gradient to this global L2 norm before each optimizer step (the HF Trainer default 1.0, which
+    every reference trains under; null: no clipping)."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule over the stage's steps: constant, linear (to 0) or cosine (to 0), as HF's schedulers
+    (Booster, VAA and Lisa fine-tuning: constant; Vaccine and Lisa's SFT alignment: cosine)."""
+    warmup_ratio: float = 0.0
+    """Share of the steps with a linear warmup from 0 (Vaccine.sh:L33: 0.1 with cosine). Unlike HF's "constant",
+    which ignores it, constant here warms up too."""
     workers: int = 1
     """1: train in this process; N > 1: a Ray Train TorchTrainer with N DDP workers (N workers reproduce 1, see trainer.py)."""
     zero_stage: int | None = None
@@ -92,8 +107,18 @@ class FinetuneConfig:
     """AdamW learning rate (the HFT strength knob; see docs/toy-world.md)."""
     batch_size: int = 32
     """Examples per optimizer step."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, not on biases and norm weights (the references' --weight_decay 0.1, e.g. git-disl/Vaccine
+    script/alignment/Vaccine.sh:L32; HF Trainer's decay/no-decay split)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the update gradient to this global L2 norm before each optimizer step (the HF Trainer default 1.0, which
+    every reference trains under; null: no clipping)."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule over the stage's steps: constant, linear (to 0) or cosine (to 0), as HF's schedulers
+    (Booster, VAA and Lisa fine-tuning: constant; Vaccine and Lisa's SFT alignment: cosine)."""
+    warmup_ratio: float = 0.0
+    """Share of the steps with a linear warmup from 0 (Vaccine.sh:L33: 0.1 with cosine). Unlike HF's "constant",
+    which ignores it, constant here warms up too."""
     workers: int = 1
     """1: train in this process; N > 1: a Ray Train TorchTrainer with N DDP workers."""
     zero_stage: int | None = None
@@ -116,6 +141,8 @@ class FinetuneConfig:
     """LoRA for the fine-tuning stage."""
     safegrad: SafeGradConfig = field(default_factory=SafeGradConfig)
     """SafeGrad settings (used when method=safegrad)."""
+    lisa: LisaConfig = field(default_factory=LisaConfig)
+    """Lisa settings (used when method=lisa; trains on the alignment pairs too)."""
 
     def __post_init__(self) -> None:
         check(self.method in FINETUNE_METHODS, "method", self.method, f"must be one of {list(FINETUNE_METHODS)}")

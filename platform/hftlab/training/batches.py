@@ -42,7 +42,8 @@ def batches(encoded: Sequence[tuple[list[int], int]], batch_size: int, pad_id: i
     """One epoch of shuffled global batches (the order depends on seed and epoch only), this rank's slice of each.
 
     Rank r takes rows r, r + W, ... of every global batch. `norm` = the global batch's response tokens / W,
-    so a loss of token sum / norm makes DDP's gradient average equal the one-process mean-token gradient:
+    so a loss of token sum / norm makes DDP's gradient average equal the one-process mean-token gradient;
+    `rows` = this slice's rows of the global batch (0 for the zero-weight dummy slice of a too short batch).
     1 process, and W Ray Train workers, see the same batches and follow the same trajectory.
     """
     order = list(range(len(encoded)))
@@ -55,4 +56,5 @@ def batches(encoded: Sequence[tuple[list[int], int]], batch_size: int, pad_id: i
         if not mine:  # fewer rows than ranks: a zero-weight slice, so every rank still steps together
             batch["labels"][:] = -100
         batch["norm"] = torch.tensor(max(tokens, 1) / world, dtype=torch.float32)
+        batch["rows"] = torch.tensor(len(mine))  # 0 for a dummy slice: steps that gather rows over ranks skip it
         yield batch

@@ -18,7 +18,7 @@ from hftlab.algorithms.sampler import GroupSampler
 from hftlab.algorithms.vaa import VAAStep
 from hftlab.config.schema import VAAConfig
 from hftlab.training.batches import Pair, batches, encode
-from hftlab.training.engine import LocalEngine
+from hftlab.training.engine import LocalEngine, Recipe
 from hftlab.training.loop import progress_bar
 
 
@@ -43,13 +43,14 @@ def vaa_setup(items: Sequence, group_of: Sequence[int | None], vaa: VAAConfig, *
                            q_min=vaa.q_min, q_max=vaa.q_max, group_sizes=[len(m) for m in members],
                            scale=vaa.eta_scale)
     step = VAAStep(sampler, rho=vaa.rho, total_steps=max(total, 1), schedule=make_schedule(vaa.curriculum, vaa.lam),
-                   objective=vaa.objective, seed=seed, **step_kwargs)
+                   objective=vaa.objective, seed=seed, update_on_perturbed=vaa.update_on_perturbed, **step_kwargs)
     return members, step, total
 
 
 def train_vaa(model: torch.nn.Module, tokenizer, pairs: Sequence[Pair], group_of: Sequence[int | None], vaa: VAAConfig, *,
               template: str, epochs: int, lr: float, batch_size: int, seed: int, max_length: int,
-              weight_decay: float = 0.0, on_step: Callable[[int, dict], None] | None = None,
+              weight_decay: float = 0.0, max_grad_norm: float | None = None, lr_scheduler: str = "constant",
+              warmup_ratio: float = 0.0, on_step: Callable[[int, dict], None] | None = None,
               desc: str = "vaa") -> dict[str, float]:
     """Train `model` in place with VAA over the groups `group_of` (None = left out); returns loss, steps, seconds."""
     torch.manual_seed(seed)
@@ -62,7 +63,7 @@ def train_vaa(model: torch.nn.Module, tokenizer, pairs: Sequence[Pair], group_of
     def next_batch(group: int) -> dict:
         return {k: v.to(model.device) for k, v in next(streams[group]).items()}
 
-    engine = LocalEngine(model, lr, weight_decay)
+    engine = LocalEngine(model, Recipe(lr, weight_decay, max_grad_norm, lr_scheduler, warmup_ratio, total))
     model.train()
     start, losses = time.time(), []
     with progress_bar(total, desc) as bar:

@@ -11,7 +11,7 @@ import torch
 
 from hftlab.algorithms.sft import sft_step
 from hftlab.training.batches import Pair, batches, encode
-from hftlab.training.engine import LocalEngine
+from hftlab.training.engine import LocalEngine, Recipe
 
 
 def progress_bar(total: int, desc: str):
@@ -33,6 +33,9 @@ def train(
     seed: int,
     max_length: int = 512,
     weight_decay: float = 0.0,
+    max_grad_norm: float | None = None,
+    lr_scheduler: str = "constant",
+    warmup_ratio: float = 0.0,
     make_step: Callable[[LocalEngine], Callable] | None = None,
     max_steps: int | None = None,
     on_step: Callable[[int, dict], None] | None = None,
@@ -41,14 +44,15 @@ def train(
     """Train `model` in place; returns the final epoch's mean loss, step count and seconds.
 
     `make_step(engine)` builds the algorithm step (training/methods.py); default plain SFT. `max_steps` (default
-    epochs x batches) ends training mid-epoch, or goes on into further epochs (compute-matched SFT).
+    epochs x batches) ends training mid-epoch, or goes on into further epochs (compute-matched SFT). The optimizer
+    follows the recipe (weight decay, clipping to max_grad_norm, lr schedule with warmup: training/engine.py).
     """
     torch.manual_seed(seed)
     encoded = encode(tokenizer, pairs, template, max_length)
-    engine = LocalEngine(model, lr, weight_decay)
+    total = epochs * math.ceil(len(encoded) / batch_size) if max_steps is None else max_steps
+    engine = LocalEngine(model, Recipe(lr, weight_decay, max_grad_norm, lr_scheduler, warmup_ratio, max(total, 1)))
     step_fn = make_step(engine) if make_step is not None else sft_step
     model.train()
-    total = epochs * math.ceil(len(encoded) / batch_size) if max_steps is None else max_steps
     step, epoch, start, epoch_losses = 0, 0, time.time(), [float("nan")]
     with progress_bar(total, desc) as bar:
         while step < total:

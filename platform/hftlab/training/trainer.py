@@ -10,7 +10,8 @@ draw the same group and apply the same update.
 Checkpoints: every `checkpoint_every` steps (and at the end) the workers report a checkpoint through
 `ray.train.report`: the weights (safetensors), and in train_state.pt the step, the optimizer (one file per rank
 under ZeRO, whose optimizer state is partitioned), the algorithm step's state (VAA's q and generator, SafeGrad's
-cached alignment gradient) and how far each batch stream has been read. A restarted worker group resumes from the
+cached alignment gradient, Lisa's phase and anchors) and how far each batch stream has been read; the lr schedule's
+position travels with the optimizer state. A restarted worker group resumes from the
 latest one and continues exactly where it was: the same batches, choices and optimizer moments.
 """
 
@@ -53,31 +54,36 @@ def _setup(config: dict, rank: int, world: int):
     import ray.train
     import ray.train.torch
 
-    from hftlab.training.engine import LocalEngine
-    from hftlab.training.methods import build_step, side_stream, step_budget
+    from hftlab.training.engine import LocalEngine, Recipe
+    from hftlab.training.methods import build_step, side_batch_size, side_paired, side_stream, step_budget
 
     stage: AlignConfig | FinetuneConfig = config["stage"]
     ckpt = ray.train.get_checkpoint()
     ckpt_dir = ckpt.to_directory() if ckpt is not None else None
     model, tokenizer = _load(config, stage, ckpt_dir)
     model.to(ray.train.torch.get_device())  # this worker's GPU (use_gpu), else the CPU
+    encoded = encode(tokenizer, config["pairs"], config["template"], config["max_length"])
+    if stage.method == "vaa":  # SFT's budget over the examples that belong to a group (grouped.vaa_setup)
+        total = stage.epochs * math.ceil(sum(g is not None for g in config["groups"]) / stage.batch_size)
+    else:
+        total = step_budget(stage, len(encoded))
+    recipe = Recipe.of(stage, total)  # the schedule's position is the engine's steps_taken, saved and resumed
     if stage.zero_stage is None:
         model = ray.train.torch.prepare_model(model)  # DDP
-        engine = LocalEngine(model, stage.lr, stage.weight_decay)
+        engine = LocalEngine(model, recipe)
     else:
         from hftlab.training.engine import DeepSpeedEngine
 
         bf16 = config.get("use_gpu", False) and config.get("dtype") == "bfloat16"  # DeepSpeed's bf16 mode: fp32 master weights
-        engine = DeepSpeedEngine(model, stage.lr, stage.weight_decay, zero_stage=stage.zero_stage, bf16=bf16)
+        engine = DeepSpeedEngine(model, recipe, zero_stage=stage.zero_stage, bf16=bf16)
         model = engine.model  # forward through DeepSpeed's engine; it averages gradients over ranks like DDP
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    encoded = encode(tokenizer, config["pairs"], config["template"], config["max_length"])
-    side = None
+    side, side_enc = None, None
     if config.get("side"):
         side_enc = encode(tokenizer, config["side"], config["template"], config["max_length"])
-        bs = stage.safegrad.batch_size if stage.method == "safegrad" else stage.batch_size
-        side = _Counted(side_stream(side_enc, bs, pad, config["seed"], device, rank, world))
+        side = _Counted(side_stream(side_enc, side_batch_size(stage), pad, config["seed"], device, rank, world,
+                                    paired=side_paired(stage)))
     if stage.method == "vaa":
         from hftlab.training.grouped import group_stream, vaa_setup
 
@@ -87,8 +93,13 @@ def _setup(config: dict, rank: int, world: int):
         streams = [group_stream(m, stage.batch_size, pad, config["seed"] + k, rank, world) for k, m in enumerate(members)]
         readers = [_Counted(lambda s=s: {k: v.to(device) for k, v in next(s).items()}) for s in streams]
     else:
-        step = build_step(stage, engine, side=side, loss_fn=token_sum_loss, seed=config["seed"])
-        total, readers = step_budget(stage, len(encoded)), []
+        # SafeGrad's KL reference is the aligned parent: under LoRA the adapter switched off (also after a resume);
+        # otherwise loaded apart, since after a resume the model is the checkpoint
+        kl = stage.method == "safegrad" and stage.safegrad.align_loss == "kl" and not stage.lora.enabled
+        reference = _load(config, stage, None)[0].to(device) if kl else None
+        step = build_step(stage, engine, side=side, loss_fn=token_sum_loss, seed=config["seed"], total_steps=total,
+                          pad_id=pad, side_rows=side_enc, reference=reference)
+        readers = []
     state = {"step": 0}
     if ckpt_dir is not None:  # resume: optimizer, step state, and the streams read as far as they were
         state = torch.load(Path(ckpt_dir) / "train_state.pt", weights_only=True)
