@@ -28,14 +28,19 @@ class TrainedJudgeConfig:
     """Tokens per (prompt, response); the response's tail is cut first."""
     max_prompt_tokens: int = 64
     """The prompt's share of max_length at most: the answer decides, the prompt gives context."""
-    train_layers: int = 12
-    """Top decoder layers fine-tuned (the lower ones stay frozen; their output is computed once); 0: a head on frozen features."""
-    epochs: int = 3
-    """Passes over the rows."""
-    lr: float = 5e-5
+    layers: int | None = 24
+    """Decoder layers used, from the bottom (null: all); the ones above are dropped (SmolLM2-135M has 30)."""
+    train_layers: int = 6
+    """Top layers (of `layers`) fine-tuned; the lower ones stay frozen and their output is computed once. 0: the
+    probe on frozen features only."""
+    probe_l2: float = 0.3
+    """L2 penalty of the linear probe that initialises the head (logistic regression on standardised features)."""
+    epochs: int = 1
+    """Fine-tuning passes over the rows after the probe (0: the probe only)."""
+    lr: float = 2e-5
     """AdamW learning rate of the trained layers (linear warm-up over 10% of the steps, then linear decay)."""
-    head_lr: float = 1e-3
-    """AdamW learning rate of the head."""
+    head_lr: float = 1e-4
+    """AdamW learning rate of the head while fine-tuning (it starts from the probe)."""
     batch_size: int = 16
     """Rows per optimizer step."""
     weight_decay: float = 0.01
@@ -52,8 +57,12 @@ class TrainedJudgeConfig:
         check(self.max_length >= 32, "max_length", self.max_length, "must be >= 32")
         check(0 < self.max_prompt_tokens < self.max_length, "max_prompt_tokens", self.max_prompt_tokens,
               f"must be in (0, {self.max_length}) (max_length)")
+        check(self.layers is None or self.layers > 0, "layers", self.layers, "must be > 0")
         check(self.train_layers >= 0, "train_layers", self.train_layers, "must be >= 0")
-        check(self.epochs > 0, "epochs", self.epochs, "must be > 0")
+        check(self.layers is None or self.train_layers <= self.layers, "train_layers", self.train_layers,
+              f"must be <= layers ({self.layers})")
+        check(self.probe_l2 > 0, "probe_l2", self.probe_l2, "must be > 0")
+        check(self.epochs >= 0, "epochs", self.epochs, "must be >= 0")
         check(self.lr > 0 and self.head_lr > 0, "lr", self.lr, "must be > 0")
         check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hftlab.config.loader import digest, to_dict
 from hftlab.config.schema import Config, TrainedJudgeConfig
 from hftlab.data.splits import LabeledRow
-from hftlab.judges.classifier import JudgeNet
+from hftlab.judges.classifier import JudgeNet, fit_probe
 from hftlab.judges.labels import HARM_CATEGORIES, category_flags, train_rows
 from hftlab.models.loading import device
 from hftlab.storage import atomic_dir
@@ -33,7 +33,7 @@ from hftlab.storage import atomic_dir
 VERSION = 1  # bump when training or encoding changes what a cached judge is
 PREFIX, MIDDLE = "BEGINNING OF CONVERSATION: USER: ", " ASSISTANT:"
 META, WEIGHTS = "judge.json", "trained.safetensors"
-CACHE_LOWER_BYTES = 6 << 30  # frozen-layer outputs kept in memory up to this; beyond (330k rows) recomputed per batch
+CACHE_LOWER_BYTES = 3 << 30  # frozen-layer outputs kept in memory up to this; beyond (330k rows) recomputed per batch
 
 
 def encode(tokenizer, prompts: list[str], responses: list[str], max_length: int, max_prompt: int) -> list[list[int]]:
@@ -101,66 +101,98 @@ def ensure_trained_judge(cfg: Config, log=print) -> Path:
     return out
 
 
-def _load_net(base: str, split_from_top: int | None, n_categories: int, split: int | None = None):
+def _load_net(base: str, n_categories: int, layers: int | None, train_layers: int | None = None,
+              split: int | None = None) -> tuple:
     tokenizer = AutoTokenizer.from_pretrained(base)
     lm = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    layers = len(lm.model.layers)
-    at = split if split is not None else layers - min(split_from_top, layers)
-    return tokenizer, JudgeNet(lm.model, at, n_categories).to(device())
+    used = len(lm.model.layers) if layers is None else min(layers, len(lm.model.layers))
+    at = split if split is not None else used - min(train_layers, used)
+    return tokenizer, JudgeNet(lm.model, at, n_categories, layers=used).to(device())
+
+
+def _batches_of(net: JudgeNet, ids: list[list[int]], lower: list[torch.Tensor] | None, idx: list[int], pad: int):
+    """(residual stream at the split, mask) for rows `idx`: from the cache, or through the frozen layers now."""
+    dev = device()
+    if lower is not None:
+        h, m = padded([lower[i] for i in idx])
+        return h.to(dev), m.to(dev)
+    x, m = padded([ids[i] for i in idx], pad)
+    m = m.to(dev)
+    return net.lower(x.to(dev), m), m
 
 
 def train_judge(tcfg: TrainedJudgeConfig, rows: list[LabeledRow], base: str, out: Path) -> dict:
-    """Fine-tune the top `train_layers` layers and the head on `rows`; write the judge into `out`; return stats."""
+    """Probe, then fine-tune the top `train_layers` layers and the head on `rows`; write the judge into `out`."""
     from hftlab.training.loop import progress_bar
 
     start = time.time()
     torch.manual_seed(tcfg.seed)
-    tokenizer, net = _load_net(base, tcfg.train_layers, len(HARM_CATEGORIES))
+    tokenizer, net = _load_net(base, len(HARM_CATEGORIES), tcfg.layers, train_layers=tcfg.train_layers)
     dev = device()
     ids = encode(tokenizer, [r.prompt for r in rows], [r.response for r in rows], tcfg.max_length, tcfg.max_prompt_tokens)
     targets = torch.tensor([[float(not r.is_safe)] + [float(f) for f in category_flags(r.category)] for r in rows])
     lengths = [len(x) for x in ids]
-    hidden = net.decoder.embed_tokens.embedding_dim
-    keep = sum(lengths) * hidden * 4 <= CACHE_LOWER_BYTES and net.split > 0
-    lower: list[torch.Tensor] | None = None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if keep:  # the frozen layers' output never changes: compute it once
+    hidden = net.decoder.embed_tokens.embedding_dim
+    lower: list[torch.Tensor] | None = None
+    feats = torch.zeros(len(rows), 2 * hidden)
+    keep = sum(lengths) * hidden * 4 <= CACHE_LOWER_BYTES and net.split < net.layers  # else recomputed each epoch
+    if keep:
         lower = [torch.empty(0)] * len(rows)
-        batches = length_batches(lengths, tcfg.batch_size)
-        with progress_bar(len(batches), "judge: frozen layers") as bar:
-            for idx in batches:
-                x, m = padded([ids[i] for i in idx], pad)
-                h = net.lower(x.to(dev), m.to(dev)).cpu()
+    batches = length_batches(lengths, tcfg.batch_size)
+    with progress_bar(len(batches), "judge: frozen layers") as bar, torch.no_grad():  # once: what the probe reads
+        for idx in batches:
+            h, m = _batches_of(net, ids, None, idx, pad)
+            feats[idx] = net.features(h, m).cpu()
+            if lower is not None:
                 for j, i in enumerate(idx):
-                    lower[i] = h[j, : lengths[i]].clone()
-                bar.update(1)
-    lower_seconds = time.time() - start
+                    lower[i] = h[j, : lengths[i]].cpu().clone()
+            bar.update(1)
+    fit_probe(net.head, feats, targets, tcfg.probe_l2, tcfg.aux_weight)
+    probe_seconds = time.time() - start
+    epochs = tcfg.epochs if net.split < net.layers else 0  # nothing but the head to train: the probe is the fit
+    losses: list[float] = []
+    if epochs:
+        losses = _fine_tune(net, tcfg, ids, lower, targets, lengths, pad, epochs)
+    seconds = time.time() - start
+    save_file({k: v.contiguous().cpu() for k, v in net.trained_state().items()}, str(out / WEIGHTS))
+    stats = {"rows": len(rows), "unsafe_rows": sum(not r.is_safe for r in rows), "train_seconds": seconds,
+             "probe_seconds": probe_seconds, "epoch_losses": losses, "final_loss": losses[-1] if losses else float("nan"),
+             "threads": torch.get_num_threads(), "device": str(dev)}
+    from hftlab.tracking import machine
+
+    meta = {"version": VERSION, "base": base, "split": net.split, "layers": net.layers, "categories": list(HARM_CATEGORIES),
+            "max_length": tcfg.max_length, "max_prompt_tokens": tcfg.max_prompt_tokens, "train": to_dict(tcfg),
+            "stats": stats, "machine": machine()}
+    (out / META).write_text(json.dumps(meta, indent=1))
+    (out / "train_ids.json").write_text(json.dumps([r.id for r in rows]))
+    return stats
+
+
+def _fine_tune(net: JudgeNet, tcfg: TrainedJudgeConfig, ids, lower, targets, lengths, pad, epochs: int) -> list[float]:
+    """AdamW on the top layers, the final norm and the head; returns the mean loss per epoch."""
+    from hftlab.training.loop import progress_bar
+
+    dev = device()
     rng = random.Random(tcfg.seed)
     body = [p for n, p in net.named_parameters() if p.requires_grad and not n.startswith("head.")]
-    groups = [{"params": list(net.head.parameters()), "lr": tcfg.head_lr}] + ([{"params": body, "lr": tcfg.lr}] if body else [])
-    opt = torch.optim.AdamW(groups, weight_decay=tcfg.weight_decay)
-    per_epoch = math.ceil(len(rows) / tcfg.batch_size)
-    total = tcfg.epochs * per_epoch
+    opt = torch.optim.AdamW([{"params": body, "lr": tcfg.lr}, {"params": list(net.head.parameters()), "lr": tcfg.head_lr}],
+                            weight_decay=tcfg.weight_decay)
+    total = epochs * math.ceil(len(ids) / tcfg.batch_size)
     warm = max(1, total // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
     bce = torch.nn.BCEWithLogitsLoss()
     net.train()
-    losses: list[float] = []
-    with progress_bar(total, "judge: train") as bar:
-        for _ in range(tcfg.epochs):
+    losses = []
+    with progress_bar(total, "judge: fine-tune") as bar:
+        for _ in range(epochs):
             epoch_loss = 0.0
             for idx in length_batches(lengths, tcfg.batch_size, rng):
-                if lower is not None:
-                    h, m = padded([lower[i] for i in idx])
-                    h, m = h.to(dev), m.to(dev)
-                else:
-                    x, m = padded([ids[i] for i in idx], pad)
-                    m = m.to(dev)
-                    h = net.lower(x.to(dev), m)
+                h, m = _batches_of(net, ids, lower, idx, pad)
                 y = targets[idx].to(dev)
                 z = net.upper(h, m)
-                loss = bce(z[:, 0], y[:, 0]) + (tcfg.aux_weight * bce(z[:, 1:], y[:, 1:]) if tcfg.aux_weight else 0.0)
+                loss = bce(z[:, 0], y[:, 0]) + tcfg.aux_weight * bce(z[:, 1:], y[:, 1:])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
@@ -169,20 +201,9 @@ def train_judge(tcfg: TrainedJudgeConfig, rows: list[LabeledRow], base: str, out
                 epoch_loss += loss.item() * len(idx)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-            losses.append(epoch_loss / len(rows))
-    seconds = time.time() - start
-    save_file({k: v.contiguous().cpu() for k, v in net.trained_state().items()}, str(out / WEIGHTS))
-    stats = {"rows": len(rows), "unsafe_rows": sum(not r.is_safe for r in rows), "train_seconds": seconds,
-             "lower_seconds": lower_seconds, "epoch_losses": losses, "final_loss": losses[-1],
-             "threads": torch.get_num_threads(), "device": str(dev)}
-    from hftlab.tracking import machine
-
-    meta = {"version": VERSION, "base": base, "split": net.split, "categories": list(HARM_CATEGORIES),
-            "max_length": tcfg.max_length, "max_prompt_tokens": tcfg.max_prompt_tokens, "train": to_dict(tcfg),
-            "stats": stats, "machine": machine()}
-    (out / META).write_text(json.dumps(meta, indent=1))
-    (out / "train_ids.json").write_text(json.dumps([r.id for r in rows]))
-    return stats
+            losses.append(epoch_loss / len(ids))
+    net.eval()
+    return losses
 
 
 class TrainedJudge:
@@ -191,7 +212,8 @@ class TrainedJudge:
     def __init__(self, path: str | Path, *, threshold: float = 0.5, batch_size: int = 16) -> None:
         self.path = Path(path)
         self.meta = json.loads((self.path / META).read_text())
-        self.tokenizer, self.net = _load_net(self.meta["base"], None, len(self.meta["categories"]), split=self.meta["split"])
+        self.tokenizer, self.net = _load_net(self.meta["base"], len(self.meta["categories"]), self.meta["layers"],
+                                             split=self.meta["split"])
         state = load_file(str(self.path / WEIGHTS))
         missing = set(state) - set(self.net.state_dict())
         if missing:
