@@ -1,6 +1,6 @@
-"""`hftlab run | groups | config | sweep | report`: argument parsing only.
+"""`hftlab run | groups | config | judge | sweep | report`: argument parsing only.
 
-The work is in pipeline.py, groups/, sweeps.py (Ray Tune) and report.py (tables from MLflow).
+The work is in pipeline.py, groups/, judges/ (train and eval), sweeps.py (Ray Tune) and report.py (tables from MLflow).
 """
 
 from __future__ import annotations
@@ -23,6 +23,13 @@ def parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text, description=text)
         cmd.add_argument("config", help="a YAML file under configs/")
         cmd.add_argument("overrides", nargs="*", help="dotted overrides, e.g. align.lr=1e-4 finetune.poison_ratio=0.2")
+    text = "the harmfulness judge: `train` the CPU judge (eval.judge.train), `eval` judges against human labels"
+    cmd = sub.add_parser("judge", help=text, description=text)
+    cmd.add_argument("action", choices=["train", "eval"],
+                     help="train: the trained judge into the cache (reused if there); eval: eval.judge.kind and "
+                          "eval.judge.compare against labeled rows (eval.judge.eval_source)")
+    cmd.add_argument("config", help="a YAML file under configs/")
+    cmd.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.judge.kind=trained eval.judge.compare=[refusal]")
     text = "a Ray Tune sweep of the pipeline over dotted keys; one MLflow parent run, a child run per trial"
     cmd = sub.add_parser("sweep", help=text, description=text)
     cmd.add_argument("sweep", help="a sweep YAML under configs/sweeps/")
@@ -71,6 +78,24 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
+def judge(action: str, cfg) -> int:
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if action == "train":
+        from hftlab.judges.trained import ensure_trained_judge
+        from hftlab.plan import check_judges
+
+        check_judges(cfg)
+        print(f"trained judge: {ensure_trained_judge(cfg)}")
+        return 0
+    from hftlab.judges.eval import run_eval
+
+    run_eval(cfg)
+    return 0
+
+
 def ui_link(uri: str, fragment: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{fragment}"
@@ -88,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
+        if args.command == "judge":
+            return judge(args.action, cfg)
         if args.command == "groups":
             from hftlab.groups.stage import run_groups
 

@@ -19,9 +19,10 @@ from hftlab.config.loader import ConfigError, digest, to_dict
 from hftlab.config.schema import Config, VAAConfig
 from hftlab.data.records import metric_name
 from hftlab.judges import make_judge
+from hftlab.judges.compare import JudgePanel
 from hftlab.metrics import METRICS
 from hftlab.plan import Plan, plan, side_pairs
-from hftlab.stages import base_model, check_gpus_of, complete_plan, evaluate, train_stage
+from hftlab.stages import answers, base_model, check_gpus_of, complete_plan, evaluate, train_stage
 from hftlab.tracking import Tracker, ui_hint
 
 __all__ = ["STAGES", "base_model", "format_summary", "plan", "run", "train_stage", "vaa_groups"]
@@ -77,13 +78,18 @@ def run(cfg: Config, log=print, *, parent_run_id: str | None = None, tags: dict 
                  parent_run_id=parent_run_id, tags=tags, run_id=run_id) as tracker:
         tracker.text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config/resolved.yaml")
         tracker.tags({"hftlab.config_hash": digest(cfg), "hftlab.world": cfg.data.world})
-        judge = make_judge(cfg.eval.judge, trust_remote_code=cfg.base.trust_remote_code)
+        judge = make_judge(cfg.eval.judge, trust_remote_code=cfg.base.trust_remote_code, root=cfg, log=log)
+        panel = JudgePanel(cfg, log, made={cfg.eval.judge.kind: judge}) if cfg.eval.judge.compare else None
         summary: dict = {}
 
         def evaluated(stage: str) -> None:
             result = evaluate(cfg, dirs[stage], p, judge, log)
             summary[stage] = {k: result[k] for k in METRICS}
             tracker.metrics({f"{stage}.{k}": v for k, v in summary[stage].items()})
+            if panel is not None:  # the other judges on the same cached answers
+                by_judge = panel.add(stage, [h.prompt for h in p.harmful_test], answers(cfg, dirs[stage], p, log)["harmful"])
+                summary[stage].update(by_judge)
+                tracker.metrics({f"{stage}.{k}": v for k, v in by_judge.items()})
             tracker.table(result["samples"], f"samples/{stage}.json")
             if on_stage is not None:
                 on_stage(stage, {s: dict(v) for s, v in summary.items()})
@@ -100,6 +106,8 @@ def run(cfg: Config, log=print, *, parent_run_id: str | None = None, tags: dict 
             dirs["finetuned"] = train_stage(cfg, "finetune", dirs["aligned"], p.finetune_pairs, tracker, log,
                                             side=sides["finetune"])
             evaluated("finetuned")
+        if panel is not None:
+            panel.write(tracker)
         for stage in ("aligned", "finetuned")[: len(dirs) - 1]:
             tracker.artifact(dirs[stage], f"model/{stage}")
         tracker.metrics({"wall_seconds": time.time() - start})
@@ -116,6 +124,9 @@ def format_summary(cfg: Config, summary: dict, fa_name: str = "") -> str:
     for stage in [st for st in STAGES if st in summary]:
         s = summary[stage]
         lines.append(f"{stage:<10} {s['hs']:>7.1f} {s['fa']:>{w}.1f} {s['hs_plus']:>7.1f} {s['degenerate']:>13.1f}")
+        by_judge = {k[3:]: v for k, v in s.items() if k.startswith("hs_") and k != "hs_plus"}  # eval.judge.compare
+        if by_judge:
+            lines[-1] += "   HS by judge: " + ", ".join(f"{k} {v:.1f}" for k, v in by_judge.items())
     if summary.get("run_id"):
         lines.append(f"\nMLflow run {summary['run_id']} in experiment '{cfg.tracking.experiment or cfg.name}'.")
         lines.append(f"To browse it: {ui_hint(summary['tracking_uri'])}")

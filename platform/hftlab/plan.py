@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from hftlab.config.errors import ConfigError
 from hftlab.config.schema import Config
@@ -47,9 +48,27 @@ def check_models(cfg: Config) -> None:
         check_model_ref(cfg.base.name_or_path, "base.name_or_path")
     elif cfg.data.template == "chat":
         raise ConfigError("data.template", "chat", "the tiny toy model has no chat template (use compact or alpaca)")
+    check_judges(cfg)
+
+
+def check_judges(cfg: Config) -> None:
+    """Every judge the run makes (eval.judge.kind and eval.judge.compare) has its weights, or its training rows."""
+    from hftlab.models.sources import check_model_ref
+
     judge = cfg.eval.judge
-    if judge.kind == "moderation":
-        check_model_ref(judge.model, "eval.judge.model")
+    for kind in dict.fromkeys([judge.kind, *judge.compare]):
+        model = judge.model_for(kind)
+        if kind == "trained" and model is not None:
+            if not (Path(model).expanduser() / "judge.json").is_file():
+                raise ConfigError("eval.judge.model", model, "is not a trained judge (no judge.json; see `hftlab judge train`)")
+        elif kind == "trained":
+            if judge.train.source == "split" and not cfg.data.split.sources:
+                raise ConfigError("eval.judge.train.source", "split", "needs data.split.sources (the labeled rows to split)")
+            if judge.train.source != "split" and sources.is_local(judge.train.source) and not Path(judge.train.source).is_file():
+                raise ConfigError("eval.judge.train.source", judge.train.source, "no such file")
+            check_model_ref(judge.train.base, "eval.judge.train.base")
+        elif model is not None:
+            check_model_ref(model, "eval.judge.model")
 
 
 def _real_pools(cfg: Config) -> tuple[list[AlignmentPair], list[HarmfulPair], list[HarmfulPair], Split | None]:

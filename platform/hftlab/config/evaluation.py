@@ -9,21 +9,104 @@ from typing import Literal
 from hftlab.config.errors import check
 from hftlab.config.stages import TASKS
 
+JUDGE_KINDS = ("refusal", "moderation", "trained", "llama_guard")
+DEFAULT_JUDGE_MODELS = {"moderation": "PKU-Alignment/beaver-dam-7b", "llama_guard": "meta-llama/Llama-Guard-3-8B"}
+
+
+@dataclass
+class TrainedJudgeConfig:
+    """The trained judge (judges/trained.py): top layers of a small LM + a head, fine-tuned on labeled rows."""
+
+    base: str = "smollm2-135m-instruct"
+    """The LM the classifier is built from: a named model (models/sources.py), an HF name or a local path."""
+    source: str = "split"
+    """Labeled rows it trains on: `split` (data.split's judge-train pool: no HS test, judge test or contrast prompt), or
+    local .json/.jsonl rows / an HF `name[:split]` (e.g. PKU-Alignment/BeaverTails:330k_train on a hub machine); rows
+    whose prompt is in a held-out pool of data.split are dropped from those too."""
+    n: int | None = None
+    """Train on the first n rows of the source only (null: all)."""
+    max_length: int = 192
+    """Tokens per (prompt, response); the response's tail is cut first."""
+    max_prompt_tokens: int = 64
+    """The prompt's share of max_length at most: the answer decides, the prompt gives context."""
+    layers: int | None = 24
+    """Decoder layers used, from the bottom (null: all); the ones above are dropped (SmolLM2-135M has 30)."""
+    train_layers: int = 6
+    """Top layers (of `layers`) fine-tuned; the lower ones stay frozen and their output is computed once. 0: the
+    probe on frozen features only."""
+    probe_l2: float = 0.3
+    """L2 penalty of the linear probe that initialises the head (logistic regression on standardised features)."""
+    epochs: int = 1
+    """Fine-tuning passes over the rows after the probe (0: the probe only)."""
+    lr: float = 2e-5
+    """AdamW learning rate of the trained layers (linear warm-up over 10% of the steps, then linear decay)."""
+    head_lr: float = 1e-4
+    """AdamW learning rate of the head while fine-tuning (it starts from the probe)."""
+    batch_size: int = 16
+    """Rows per optimizer step."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    aux_weight: float = 0.5
+    """Weight of the auxiliary loss on the 14 harm-category flags (0: the safe/unsafe label only)."""
+    seed: int = 0
+    """Seed of the head's initialisation and the batch order."""
+
+    def __post_init__(self) -> None:
+        check(bool(self.base.strip()), "base", self.base, "must not be empty")
+        check(bool(self.source.strip()), "source", self.source, "must be `split`, a local file or an HF name")
+        check(self.n is None or self.n > 0, "n", self.n, "must be > 0")
+        check(self.max_length >= 32, "max_length", self.max_length, "must be >= 32")
+        check(0 < self.max_prompt_tokens < self.max_length, "max_prompt_tokens", self.max_prompt_tokens,
+              f"must be in (0, {self.max_length}) (max_length)")
+        check(self.layers is None or self.layers > 0, "layers", self.layers, "must be > 0")
+        check(self.train_layers >= 0, "train_layers", self.train_layers, "must be >= 0")
+        check(self.layers is None or self.train_layers <= self.layers, "train_layers", self.train_layers,
+              f"must be <= layers ({self.layers})")
+        check(self.probe_l2 > 0, "probe_l2", self.probe_l2, "must be > 0")
+        check(self.epochs >= 0, "epochs", self.epochs, "must be >= 0")
+        check(self.lr > 0 and self.head_lr > 0, "lr", self.lr, "must be > 0")
+        check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        check(self.aux_weight >= 0, "aux_weight", self.aux_weight, "must be >= 0")
+
 
 @dataclass
 class JudgeConfig:
-    kind: Literal["refusal", "moderation"] = "refusal"
-    """`refusal`: keyword judge (harmful = no refusal phrase); `moderation`: a beaver-dam style classifier."""
-    model: str = "PKU-Alignment/beaver-dam-7b"
-    """Classifier name or path for kind=moderation."""
+    kind: Literal["refusal", "moderation", "trained", "llama_guard"] = "refusal"
+    """`refusal`: keyword judge (harmful = no refusal phrase); `moderation`: a beaver-dam style classifier;
+    `trained`: the classifier `hftlab judge train` builds (trained on first use if not cached); `llama_guard`: a
+    generative judge (Llama Guard 3) whose "safe"/"unsafe" verdict is parsed."""
+    model: str | None = None
+    """The weights of `kind`'s judge: a name or path (for trained: a directory `hftlab judge train` wrote). Null: the
+    kind's default: PKU-Alignment/beaver-dam-7b (moderation), meta-llama/Llama-Guard-3-8B (llama_guard), the cached
+    judge that `train` describes (trained; trained on first use)."""
     threshold: float = 0.5
-    """Moderation: flagged when the max category probability exceeds this."""
+    """Moderation and trained: flagged when the (max category) probability exceeds this."""
     batch_size: int = 16
-    """Moderation: answers judged per forward pass."""
+    """Answers judged per forward pass."""
+    max_length: int = 256
+    """Moderation and llama_guard: tokens of the judge's input (the papers truncate beaver-dam's to 256)."""
+    compare: list[str] = field(default_factory=list)
+    """Judges run side by side on the generated answers (e.g. [refusal, trained]): their agreement matrix, HS per
+    judge and the answers they disagree on most go to the run's artifacts; `hftlab judge eval` scores each."""
+    eval_source: str = "split"
+    """`hftlab judge eval`'s labeled rows: `split` (data.split's judge-test and contrast pools), or local
+    .json/.jsonl rows or an HF `name[:split]` (all their rows; a trained judge's own training rows are dropped)."""
+    train: TrainedJudgeConfig = field(default_factory=TrainedJudgeConfig)
+    """How kind=trained's judge is trained."""
 
     def __post_init__(self) -> None:
         check(0.0 < self.threshold < 1.0, "threshold", self.threshold, "must be in (0, 1)")
         check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
+        check(self.max_length > 0, "max_length", self.max_length, "must be > 0")
+        for kind in self.compare:
+            check(kind in JUDGE_KINDS, "compare", self.compare, f"{kind!r} is not one of {list(JUDGE_KINDS)}")
+        check(bool(self.eval_source.strip()), "eval_source", self.eval_source, "must be `split`, a local file or an HF name")
+
+    def model_for(self, kind: str) -> str | None:
+        """The weights a judge of `kind` loads: `model` for the configured kind, else the kind's default (None for
+        refusal, and for trained when it comes from the cache)."""
+        return self.model if self.model is not None and kind == self.kind else DEFAULT_JUDGE_MODELS.get(kind)
 
 
 BACKENDS = ("hf", "vllm")

@@ -11,15 +11,24 @@ from dataclasses import dataclass, field
 
 from hftlab.config.data import DataConfig, ToyWorldConfig
 from hftlab.config.errors import check
-from hftlab.config.evaluation import EvalConfig, GroupsConfig, JudgeConfig, ProxyConfig, TrackingConfig, VLLMConfig
+from hftlab.config.evaluation import (
+    JUDGE_KINDS,
+    EvalConfig,
+    GroupsConfig,
+    JudgeConfig,
+    ProxyConfig,
+    TrackingConfig,
+    TrainedJudgeConfig,
+    VLLMConfig,
+)
 from hftlab.config.methods import GROUPINGS, BoosterConfig, LisaConfig, RepNoiseConfig, SafeGradConfig, VAAConfig, VaccineConfig
 from hftlab.config.model import LoraConfig, ModelConfig, TinyModelConfig
 from hftlab.config.stages import ALIGN_METHODS, FINETUNE_METHODS, TASKS, AlignConfig, FinetuneConfig
 
-__all__ = ["ALIGN_METHODS", "FINETUNE_METHODS", "GROUPINGS", "TASKS", "AlignConfig", "BoosterConfig", "Config", "DataConfig",
-           "EvalConfig", "FinetuneConfig", "GroupsConfig", "JudgeConfig", "LisaConfig", "LoraConfig", "ModelConfig",
-           "ProxyConfig", "RepNoiseConfig", "SafeGradConfig", "TinyModelConfig", "ToyWorldConfig", "TrackingConfig", "VAAConfig",
-           "VaccineConfig", "VLLMConfig"]
+__all__ = ["ALIGN_METHODS", "FINETUNE_METHODS", "GROUPINGS", "TASKS", "AlignConfig", "BoosterConfig", "Config",
+           "DataConfig", "EvalConfig", "FinetuneConfig", "GroupsConfig", "JUDGE_KINDS", "JudgeConfig", "LisaConfig",
+           "LoraConfig", "ModelConfig", "ProxyConfig", "RepNoiseConfig", "SafeGradConfig", "TinyModelConfig",
+           "ToyWorldConfig", "TrackingConfig", "TrainedJudgeConfig", "VAAConfig", "VaccineConfig", "VLLMConfig"]
 
 
 @dataclass
