@@ -102,7 +102,7 @@ def ray_train(model_dir: str, tmp: Path, use_gpu: bool, dtype: str, zero_stage: 
     from hftlab.training.trainer import train_distributed
 
     if not ray.is_initialized():
-        ray.init(address="local", log_to_driver=False)
+        ray.init()  # bare, like every job: the submitter's address and runtime_env stand
     stage = AlignConfig(epochs=1, lr=3e-4, batch_size=8, zero_stage=zero_stage, use_gpu=use_gpu,
                         lora=LoraConfig(enabled=True, r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     out = tmp / f"stage-z{zero_stage}"

@@ -68,7 +68,7 @@ def lora_stage(parent: str, out: Path, seed: int) -> str:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0.0, 0.02)
+                p.normal_(0.0, 0.05)
     save_stage(model, tok, out, parent)
     return str(out)
 
