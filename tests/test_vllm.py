@@ -73,6 +73,11 @@ def lora_stage(parent: str, out: Path, seed: int) -> str:
     return str(out)
 
 
+# the backends are compared, not the judges: the keyword judge (the real config's trained judge would be trained
+# into each test's own cache_dir first)
+KEYWORD_JUDGE = ["eval.judge.kind=refusal", "eval.judge.compare=[]"]
+
+
 def share_same(a: list[str], b: list[str]) -> float:
     return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
 
@@ -135,7 +140,8 @@ def test_the_groups_matrix_on_vllm_matches_hf(engine, real_model, ray_local, tmp
     examples = [AlignmentPair(f"s{i}", r["prompt"], r["response"]) for i, r in enumerate(rows)]
     run = [real_model, lora_stage(real_model, tmp_path / "aligned", seed=1), perturbed_copy(real_model, tmp_path / "ckpt-1", 3)]
     common = [f"output_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}", "tracking.enabled=false",
-              "groups.actors=1", "groups.batch_size=8", f"eval.max_new_tokens={NEW_TOKENS}", "eval.batch_size=8"]
+              "groups.actors=1", "groups.batch_size=8", f"eval.max_new_tokens={NEW_TOKENS}", "eval.batch_size=8",
+              *KEYWORD_JUDGE]
     real = REPO / "configs" / "real" / "smollm2-beavertails.yaml"
     got = {b: build_matrix(load_config(real, [*common, f"groups.backend={b}"]), examples, [run], tmp_path / f"{b}.parquet")
            for b in ("vllm", "hf")}
@@ -155,7 +161,7 @@ def test_the_pipeline_gives_the_same_hs_on_vllm_as_on_hf(real_model, tmp_path):
     common = [f"output_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}", f"base.name_or_path={real_model}",
               "tracking.enabled=false", "data.refusals.n=0", "align.n_alignment=8", "align.epochs=1", "align.lr=3e-3",
               "finetune.n=8", "finetune.epochs=1", "finetune.lr=3e-3", f"eval.n_harmful={N_PROMPTS}", "eval.n_task=2",
-              f"eval.max_new_tokens={NEW_TOKENS}", "eval.batch_size=16"]
+              f"eval.max_new_tokens={NEW_TOKENS}", "eval.batch_size=16", *KEYWORD_JUDGE]
     real = REPO / "configs" / "real" / "smollm2-beavertails.yaml"
     hf = run(load_config(real, common), log=lambda *_: None)
     vllm = run(load_config(real, [*common, "eval.backend=vllm"]), log=lambda *_: None)

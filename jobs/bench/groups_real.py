@@ -44,7 +44,9 @@ def setup(args, log):
                              "align.epochs=0", f"eval.max_new_tokens={args.new_tokens}", "groups.actors=1",
                              "groups.batch_size=64", "eval.batch_size=64",
                              f"groups.proxies=[{{task: alpaca, n: {8 * t}, poison_ratio: 0.25, epochs: 1, lr: 1.0e-4, "
-                             "batch_size: 8, checkpoint_every: 1}]", *args.overrides])
+                             "batch_size: 8, checkpoint_every: 1}]",
+                             "eval.judge.kind=refusal", "eval.judge.compare=[]",  # the keyword judge on both sides
+                             *args.overrides])
     p = plan(cfg)
     with Tracker(cfg) as tracker:
         aligned = train_stage(cfg, "align", base_model(cfg, log), p.align_pairs, tracker, log)

@@ -16,6 +16,7 @@ matrix has every row exactly once.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -125,10 +126,20 @@ def matrix_rows(examples: list[AlignmentPair], models: list[str]) -> list[dict]:
             for m, path in enumerate(models) for ex in examples]
 
 
+def resolved_judge(cfg: Config) -> JudgeConfig:
+    """eval.judge with the trained judge's weights named: an actor has no run config to find (or train) it with."""
+    judge = cfg.eval.judge
+    if judge.kind == "trained" and judge.model is None:
+        from hftlab.judges.trained import ensure_trained_judge
+
+        judge = dataclasses.replace(judge, model=str(ensure_trained_judge(cfg)))
+    return judge
+
+
 def worker_kwargs(cfg: Config) -> dict:
     """The MatrixWorker arguments a config implies."""
     return dict(template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens, gen_batch_size=cfg.eval.batch_size,
-                judge=cfg.eval.judge, threads=cfg.groups.threads_per_actor, max_length=cfg.base.max_length,
+                judge=resolved_judge(cfg), threads=cfg.groups.threads_per_actor, max_length=cfg.base.max_length,
                 with_loss=cfg.groups.loss_score, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
 
 
