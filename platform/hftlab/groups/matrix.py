@@ -129,10 +129,10 @@ def matrix_rows(examples: list[AlignmentPair], models: list[str]) -> list[dict]:
 def resolved_judge(cfg: Config) -> JudgeConfig:
     """eval.judge with the trained judge's weights named: an actor has no run config to find (or train) it with."""
     judge = cfg.eval.judge
-    if judge.kind == "trained" and judge.model is None:
-        from hftlab.judges.trained import ensure_trained_judge
+    if judge.kind == "trained":
+        from hftlab.judges.trained import trained_judge_model
 
-        judge = dataclasses.replace(judge, model=str(ensure_trained_judge(cfg)))
+        judge = dataclasses.replace(judge, model=trained_judge_model(judge, cfg))
     return judge
 
 

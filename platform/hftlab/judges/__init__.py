@@ -29,13 +29,9 @@ def make_judge(cfg: JudgeConfig, trust_remote_code: bool = False, *, kind: str |
         return RefusalJudge()
     model = cfg.model_for(kind)
     if kind == "trained":
-        from hftlab.judges.trained import TrainedJudge, ensure_trained_judge
+        from hftlab.judges.trained import TrainedJudge, trained_judge_model
 
-        if model is None:
-            if root is None:
-                raise ValueError("a trained judge without eval.judge.model needs the run's config to find or train it")
-            model = str(ensure_trained_judge(root, log))
-        return TrainedJudge(model, threshold=cfg.threshold, batch_size=cfg.batch_size)
+        return TrainedJudge(trained_judge_model(cfg, root, log), threshold=cfg.threshold, batch_size=cfg.batch_size)
     if kind == "llama_guard":
         from hftlab.judges.llama_guard import LlamaGuardJudge
 

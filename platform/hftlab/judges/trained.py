@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hftlab.config.loader import digest, to_dict
-from hftlab.config.schema import Config, TrainedJudgeConfig
+from hftlab.config.schema import Config, JudgeConfig, TrainedJudgeConfig
 from hftlab.data.splits import LabeledRow
 from hftlab.judges.classifier import JudgeNet, fit_probe
 from hftlab.judges.labels import HARM_CATEGORIES, category_flags, train_rows
@@ -99,6 +99,17 @@ def ensure_trained_judge(cfg: Config, log=print) -> Path:
         stats = train_judge(cfg.eval.judge.train, rows, base, tmp)
         log(f"[judge] trained in {stats['train_seconds']:.0f}s, final epoch loss {stats['final_loss']:.4f}")
     return out
+
+
+def trained_judge_model(judge: JudgeConfig, root: Config | None, log=print) -> str:
+    """The trained judge's weights: eval.judge.model when it names them, else the cached judge `root` trains (trained
+    first if missing). The one place that rule lives: make_judge, and the groups matrix whose actors get the path."""
+    model = judge.model_for("trained")
+    if model is not None:
+        return model
+    if root is None:
+        raise ValueError("a trained judge without eval.judge.model needs the run's config to find or train it")
+    return str(ensure_trained_judge(root, log))
 
 
 def _load_net(base: str, n_categories: int, layers: int | None, train_layers: int | None = None,
