@@ -68,6 +68,7 @@ def _real_model_or_skip() -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("real-model")
 def test_generation_bench_prints_one_json_line_of_ratios():
     _real_model_or_skip()
     out = subprocess.run([sys.executable, "jobs/bench/generation.py", "--prompts", "4", "--new-tokens", "8", "--batch-size", "4",
@@ -82,6 +83,7 @@ def test_generation_bench_prints_one_json_line_of_ratios():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("real-model")
 def test_groups_bench_real_mode_prints_one_json_line(tmp_path):
     model = _real_model_or_skip()
     out = subprocess.run(
