@@ -38,16 +38,12 @@ install-gemma: install
 quickstart: install
 	$(VENV)/bin/hftlab run configs/quickstart.yaml
 
-# Two pytest workers (pytest-xdist): most tests wait on process starts (Ray, MLflow, vLLM engines) as much as they
-# compute, so two overlap on 2 cores; tests that hold the real model share one worker (xdist_group "real-model").
-# A plain `pytest` (one process) runs the same tests.
-PYTEST_WORKERS ?= 2
 test: install
 	$(VENV)/bin/ruff check platform jobs tests
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest
 
 test-fast: install
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow"
+	$(PY) -m pytest -m "not slow"
 
 # on one H100/H200 (an environment with the `gpu` extra): vLLM + LoRA, Ray Train LoRA in bf16, ZeRO-2 on CUDA, the
 # generation bench -> outputs/gpu-check.json; without CUDA every part is skipped with a message (docs/gpu-validation.md)

@@ -43,7 +43,8 @@ def test_groups_bench_prints_one_json_line_of_rates(tmp_path, tiny_cache):
     row = json.loads(lines[0])
     assert row["bench"] == "groups" and row["rounds"] == 1 and row["examples"] == 14 * 40
     rates = ("naive_per_s", "ray_1_actor_per_s", "ray_2_actors_per_s")
-    assert all(row[k] > 0 for k in rates) and 0 < row["pool_start_2_actors_s"] < row["ray_2_actors_s"]
+    # the pool's start and the full matrix are timed apart: no order between the two noisy times is asserted
+    assert all(row[k] > 0 for k in rates) and row["pool_start_2_actors_s"] > 0 and row["ray_2_actors_s"] > 0
     # the ratios are the rates' own, measured in this run
     assert row["ray_2_actors_vs_naive"] == pytest.approx(row["ray_2_actors_per_s"] / row["naive_per_s"], abs=0.01)
     assert row["two_vs_one_actor"] == pytest.approx(row["ray_2_actors_per_s"] / row["ray_1_actor_per_s"], abs=0.01)
@@ -68,7 +69,6 @@ def _real_model_or_skip() -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("real-model")
 def test_generation_bench_prints_one_json_line_of_ratios():
     _real_model_or_skip()
     out = subprocess.run([sys.executable, "jobs/bench/generation.py", "--prompts", "4", "--new-tokens", "8", "--batch-size", "4",
@@ -83,7 +83,6 @@ def test_generation_bench_prints_one_json_line_of_ratios():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("real-model")
 def test_groups_bench_real_mode_prints_one_json_line(tmp_path):
     model = _real_model_or_skip()
     out = subprocess.run(

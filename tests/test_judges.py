@@ -200,7 +200,6 @@ needs_smollm2 = pytest.mark.skipif(
 
 @needs_smollm2
 @pytest.mark.slow
-@pytest.mark.xdist_group("real-model")
 def test_trained_judge_beats_the_keyword_judge_on_unseen_beavertails_rows(smoke, tmp_path):
     """A small judge (300 training rows, frozen features + a head, short inputs) against the keyword judge, both scored
     on 160 held-out rows of the real split that the judge never saw."""

@@ -28,8 +28,6 @@ from hftlab.training.loop import train
 
 from .conftest import REPO, SHARED_DATA
 
-pytestmark = pytest.mark.xdist_group("real-model")  # `make test` runs 2 workers: one real model in memory at a time
-
 BT = SHARED_DATA / "beavertails"
 SOURCES = [str(BT / "30k_test_safe_filtered.jsonl"), str(BT / "30k_test_unsafe_filtered.jsonl")]
 needs_data = pytest.mark.skipif(not BT.is_dir(), reason=f"no BeaverTails rows at {BT}")

