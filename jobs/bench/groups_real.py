@@ -32,8 +32,8 @@ REAL = REPO / "configs" / "real" / "smollm2-beavertails.yaml"
 
 
 def sig(x: float, digits: int = 4) -> float:
-    """`digits` significant digits: a rate of 0.2 rows/s keeps its precision (2 decimals would not), and the printed
-    X"""
+    """`digits` significant digits: a rate of 0.2 rows/s keeps its precision (2 decimals would not), so the printed
+    ratio agrees with the printed rates' ratio to within 0.2%."""
     return float(f"{x:.{digits}g}")
 
 
