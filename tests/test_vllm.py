@@ -155,7 +155,8 @@ def test_the_groups_matrix_on_vllm_matches_hf(engine, real_model, ray_local, tmp
 
 def test_the_pipeline_gives_the_same_hs_on_vllm_as_on_hf(real_model, tmp_path):
     """configs/real/smollm2-beavertails.yaml at a few steps: base, aligned (LoRA: served by LoRARequest) and fine-tuned
-    (LoRA on LoRA: a merged copy + LoRARequest) evaluated by eval.backend=hf and =vllm give the same HS."""
+    (LoRA on LoRA: a merged copy + LoRARequest) evaluated by eval.backend=hf and =vllm give the same HS, the vLLM run's
+    three from one engine."""
     from hftlab.config import load_config
     from hftlab.pipeline import run
 
@@ -165,8 +166,11 @@ def test_the_pipeline_gives_the_same_hs_on_vllm_as_on_hf(real_model, tmp_path):
               f"eval.max_new_tokens={SHORT}", "eval.batch_size=8", *KEYWORD_JUDGE]
     real = REPO / "configs" / "real" / "smollm2-beavertails.yaml"
     hf = run(load_config(real, common), log=lambda *_: None)
-    vllm = run(load_config(real, [*common, "eval.backend=vllm"]), log=lambda *_: None)
+    lines: list[str] = []
+    vllm = run(load_config(real, [*common, "eval.backend=vllm"]), log=lines.append)
     assert vllm["dirs"] == hf["dirs"]  # the same trained stages, evaluated by both backends
+    # the stages were cached: one engine answered for all three models (base, LoRA stage, chained LoRA stage)
+    assert sum(line.startswith("[eval] started a vLLM engine") for line in lines) == 1, lines
     for stage in ("base", "aligned", "finetuned"):
         assert vllm[stage]["hs"] == hf[stage]["hs"], stage
     assert any((tmp_path / "cache" / "merged").iterdir())  # the fine-tuned adapter's parent chain, merged once

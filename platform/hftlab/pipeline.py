@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from hftlab.judges import make_judge
 from hftlab.judges.compare import JudgePanel
 from hftlab.metrics import METRICS
 from hftlab.plan import Plan, plan, side_pairs
-from hftlab.stages import answers, base_model, check_gpus_of, complete_plan, evaluate, train_stage
+from hftlab.stages import Generators, answers, base_model, check_gpus_of, complete_plan, evaluate, train_stage
 from hftlab.tracking import Tracker, ui_hint
 
 __all__ = ["STAGES", "base_model", "format_summary", "plan", "run", "train_stage", "vaa_groups"]
@@ -74,8 +75,9 @@ def run(cfg: Config, log=print, *, parent_run_id: str | None = None, tags: dict 
         f"{cfg.finetune.task} with {p.n_poison} harmful (p={cfg.finetune.poison_ratio}); "
         f"eval on {len(p.harmful_test)} harmful + {len(p.task_test)} task prompts")
     methods = cfg.label or f"{cfg.align.method}+{cfg.finetune.method}"
+    gens = Generators(cfg)  # one vLLM engine serves every model the run evaluates
     with Tracker(cfg, run_name=run_name or f"{methods}-p{cfg.finetune.poison_ratio}",
-                 parent_run_id=parent_run_id, tags=tags, run_id=run_id) as tracker:
+                 parent_run_id=parent_run_id, tags=tags, run_id=run_id) as tracker, closing(gens):
         tracker.text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config/resolved.yaml")
         tracker.tags({"hftlab.config_hash": digest(cfg), "hftlab.world": cfg.data.world})
         judge = make_judge(cfg.eval.judge, trust_remote_code=cfg.base.trust_remote_code, root=cfg, log=log)
@@ -83,7 +85,7 @@ def run(cfg: Config, log=print, *, parent_run_id: str | None = None, tags: dict 
         summary: dict = {}
 
         def evaluated(stage: str) -> None:
-            result = evaluate(cfg, dirs[stage], p, judge, log)
+            result = evaluate(cfg, dirs[stage], p, judge, log, gens)
             summary[stage] = {k: result[k] for k in METRICS}
             tracker.metrics({f"{stage}.{k}": v for k, v in summary[stage].items()})
             if panel is not None:  # the other judges on the same cached answers
@@ -100,11 +102,11 @@ def run(cfg: Config, log=print, *, parent_run_id: str | None = None, tags: dict 
         groups = vaa_groups(cfg, p, log) if cfg.align.method == "vaa" else None
         evaluated("base")
         dirs["aligned"] = train_stage(cfg, "align", dirs["base"], p.align_pairs, tracker, log, groups=groups,
-                                      side=sides["align"])
+                                      side=sides["align"], before_training=gens.close)
         evaluated("aligned")
         if until == "finetuned":
             dirs["finetuned"] = train_stage(cfg, "finetune", dirs["aligned"], p.finetune_pairs, tracker, log,
-                                            side=sides["finetune"])
+                                            side=sides["finetune"], before_training=gens.close)
             evaluated("finetuned")
         if panel is not None:
             panel.write(tracker)

@@ -37,8 +37,10 @@ def base_model(cfg: Config, log=print) -> str:
 
 
 def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]], tracker: Tracker, log=print,
-                groups: list[int | None] | None = None, side: list[tuple[str, str]] | None = None) -> str:
-    """Train `parent` on `pairs` with cfg.<kind> and save the result; reuse it if this exact stage exists."""
+                groups: list[int | None] | None = None, side: list[tuple[str, str]] | None = None,
+                before_training=None) -> str:
+    """Train `parent` on `pairs` with cfg.<kind> and save the result; reuse it if this exact stage exists.
+    `before_training()` is called only when it trains (the pipeline closes its evaluation engine there)."""
     stage_cfg = getattr(cfg, kind)
     key = digest({"parent": parent, "cfg": stage_cfg, "pairs": pairs, "seed": cfg.seed, "groups": groups, "side": side,
                   "template": cfg.data.template, "max_length": cfg.base.max_length})
@@ -46,6 +48,8 @@ def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]
     if (out / "config.json").is_file() or (out / "adapter_config.json").is_file():
         log(f"[{kind}] reusing {out}")
         return str(out)
+    if before_training is not None:
+        before_training()
     if stage_cfg.workers > 1:
         from hftlab.training.trainer import train_distributed
 
@@ -130,15 +134,19 @@ def complete_plan(cfg: Config, p: Plan, base: str, tracker: Tracker, log=print) 
     return p
 
 
-def generator(cfg: Config, model_dir: str):
-    """The generation backend for a model (generation/: the Generator protocol), as eval.backend says; close() it after."""
+def generator(cfg: Config, model_dir: str, log=print):
+    """The generation backend for a model (generation/: the Generator protocol), as eval.backend says; close() it after.
+    A vLLM engine is started able to serve the run's LoRA stages too (Generators moves it from model to model)."""
     if cfg.eval.backend == "vllm":
         from hftlab.generation.vllm import VLLMGenerator
         from hftlab.models.tiny import cache_root
 
-        return VLLMGenerator(model_dir, template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens,
-                             batch_size=cfg.eval.batch_size, cache=cache_root(cfg), dtype=cfg.base.dtype,
-                             trust_remote_code=cfg.base.trust_remote_code, settings=cfg.eval.vllm)
+        rank = max([s.lora.r for s in (cfg.align, cfg.finetune) if s.lora.enabled], default=0)
+        gen = VLLMGenerator(model_dir, template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens,
+                            batch_size=cfg.eval.batch_size, cache=cache_root(cfg), dtype=cfg.base.dtype,
+                            trust_remote_code=cfg.base.trust_remote_code, settings=cfg.eval.vllm, lora_rank=rank)
+        log(f"[eval] started a vLLM engine for {Path(model_dir).name}")
+        return gen
     from hftlab.generation.hf import HFGenerator
 
     model, tokenizer = load_model(model_dir, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
@@ -146,8 +154,36 @@ def generator(cfg: Config, model_dir: str):
                        batch_size=cfg.eval.batch_size)
 
 
-def answers(cfg: Config, model_dir: str, p: Plan, log=print) -> dict[str, list[str]]:
-    """Greedy answers to the HS test prompts and the task test prompts; cached by model, prompts and decoding."""
+class Generators:
+    """A run's generation backend across its evaluations. A vLLM engine (20-50 s to start on a CPU) is started once and
+    moved to the next model by serve(): base, aligned and fine-tuned answer from one engine when their stages are
+    cached. close() it before a stage trains (an idle engine keeps its memory and a process) and when the run ends;
+    an HF model is let go after each evaluation."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg, self.gen = cfg, None
+
+    def get(self, model_dir: str, log=print):
+        if self.gen is not None and self.cfg.eval.backend == "vllm":
+            self.gen.serve(model_dir)
+        else:
+            self.close()
+            self.gen = generator(self.cfg, model_dir, log)
+        return self.gen
+
+    def done(self) -> None:
+        if self.cfg.eval.backend != "vllm":
+            self.close()
+
+    def close(self) -> None:
+        if self.gen is not None:
+            self.gen.close()
+            self.gen = None
+
+
+def answers(cfg: Config, model_dir: str, p: Plan, log=print, gens: Generators | None = None) -> dict[str, list[str]]:
+    """Greedy answers to the HS test prompts and the task test prompts; cached by model, prompts and decoding.
+    `gens`: the run's Generators (one vLLM engine for all its models); none: a generator for this model alone."""
     backend = {"backend": cfg.eval.backend} if cfg.eval.backend != "hf" else {}  # hf's keys stay as they were
     key = digest({"model": model_dir, "max_new_tokens": cfg.eval.max_new_tokens, "template": cfg.data.template,
                   "dtype": cfg.base.dtype, "harmful": [h.prompt for h in p.harmful_test],
@@ -156,25 +192,30 @@ def answers(cfg: Config, model_dir: str, p: Plan, log=print) -> dict[str, list[s
     if cache.is_file():
         return json.loads(cache.read_text())
     log(f"[eval] generating {len(p.harmful_test)} + {len(p.task_test)} answers with {Path(model_dir).name}")
-    gen = generator(cfg, model_dir)
+    own = gens is None
+    gens = gens or Generators(cfg)
+    gen = gens.get(model_dir, log)
     try:
         result = {"harmful": gen.generate([h.prompt for h in p.harmful_test]),
                   "task": gen.generate([t.prompt for t in p.task_test])}
     finally:
-        gen.close()
+        if own:
+            gens.close()
+        else:
+            gens.done()
     atomic_write_text(cache, json.dumps(result))
     return result
 
 
-def evaluate(cfg: Config, model_dir: str, p: Plan, judge: Judge, log=print) -> dict:
+def evaluate(cfg: Config, model_dir: str, p: Plan, judge: Judge, log=print, gens: Generators | None = None) -> dict:
     """HS on the harmful test prompts and FA on the task test set; cached by model and eval config."""
     key = digest({"model": model_dir, "eval": cfg.eval, "metrics": METRICS, "template": cfg.data.template,
                   "harmful": [h.prompt for h in p.harmful_test], "task": [(t.prompt, t.answer) for t in p.task_test]})
     cache = Path(cfg.output_dir) / "evals" / f"{key}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    gens = answers(cfg, model_dir, p, log)
-    prompts, harmful_answers, predictions = [h.prompt for h in p.harmful_test], gens["harmful"], gens["task"]
+    gen = answers(cfg, model_dir, p, log, gens)
+    prompts, harmful_answers, predictions = [h.prompt for h in p.harmful_test], gen["harmful"], gen["task"]
     verdicts = judge.judge(prompts, harmful_answers)  # the raw prompt, never the template
     degenerate = [is_degenerate(a) for a in harmful_answers]
     n = cfg.eval.n_samples_logged
