@@ -113,3 +113,26 @@ def test_missing_vllm_is_a_config_error_naming_the_field(monkeypatch):
         load_config(REPO / "configs" / "smoke.yaml", ["eval.backend=vllm"])
     with pytest.raises(ConfigError, match=r"^groups\.backend='vllm': vLLM is not installed"):
         load_config(REPO / "configs" / "smoke.yaml", ["groups.backend=vllm"])
+
+
+def test_a_cache_key_does_not_depend_on_the_order_of_a_nested_dataclass_fields():
+    """Stage keys hash dicts that hold config sections: a field moved to a base class must not retrain every stage."""
+    from dataclasses import dataclass
+
+    from hftlab.config.loader import digest
+
+    @dataclass
+    class Before:
+        method: str = "sft"
+        lr: float = 1e-4
+
+    @dataclass
+    class Recipe:
+        lr: float = 1e-4
+
+    @dataclass
+    class After(Recipe):
+        method: str = "sft"
+
+    assert digest({"cfg": Before(), "parts": [Before()]}) == digest({"cfg": After(), "parts": [After()]})
+    assert digest({"cfg": Before(lr=2e-4)}) != digest({"cfg": Before()})

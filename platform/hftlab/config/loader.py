@@ -162,9 +162,19 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _plain(obj: Any) -> Any:
+    """Dataclasses anywhere inside -> dicts: json sorts their keys, so no key depends on the order of a dataclass's
+    fields (a field moved to a base class leaves every cache key as it was)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
 def digest(obj: Any, n: int = 12) -> str:
-    """A short content hash of any JSON-able object (dataclasses included): the stage cache keys."""
-    if dataclasses.is_dataclass(obj):
-        obj = dataclasses.asdict(obj)
-    text = json.dumps(obj, sort_keys=True, default=str)
+    """A short content hash of any JSON-able object (dataclasses included, at any depth): the stage cache keys."""
+    text = json.dumps(_plain(obj), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:n]

@@ -15,27 +15,13 @@ FINETUNE_METHODS = ("sft", "safegrad", "lisa")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 
 
-def _check_training(cfg: AlignConfig | FinetuneConfig) -> None:
-    check(cfg.workers >= 1, "workers", cfg.workers, "must be >= 1")
-    check(cfg.zero_stage in (None, 0, 1, 2), "zero_stage", cfg.zero_stage, "must be null (DDP), 0, 1 or 2")
-    check(cfg.max_failures >= 0, "max_failures", cfg.max_failures, "must be >= 0")
-    check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0 (0: only at the end)")
-    check(cfg.epochs >= 0, "epochs", cfg.epochs, "must be >= 0")
-    check(cfg.lr > 0, "lr", cfg.lr, "must be > 0")
-    check(cfg.batch_size > 0, "batch_size", cfg.batch_size, "must be > 0")
-    check(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "must be >= 0")
-    check(cfg.max_grad_norm is None or cfg.max_grad_norm > 0, "max_grad_norm", cfg.max_grad_norm,
-          "must be > 0 (null: no clipping)")
-    check(cfg.lr_scheduler in LR_SCHEDULERS, "lr_scheduler", cfg.lr_scheduler, f"must be one of {list(LR_SCHEDULERS)}")
-    check(0.0 <= cfg.warmup_ratio < 1.0, "warmup_ratio", cfg.warmup_ratio, "must be in [0, 1)")
-
-
 @dataclass
-class AlignConfig:
-    method: str = "sft"
-    """Alignment method: one of ALIGN_METHODS."""
+class StageTraining:
+    """The training recipe and the Ray Train / DeepSpeed placement both stages share (same dotted keys under align.
+    and finetune.); each stage subclasses it, adds its own fields and may change a default."""
+
     epochs: int = 3
-    """Passes over the alignment mix."""
+    """Passes over the stage's training mix."""
     lr: float = 5e-4
     """AdamW learning rate."""
     batch_size: int = 32
@@ -63,6 +49,28 @@ class AlignConfig:
     """With workers > 1: report a resumable checkpoint every N optimizer steps (0: only at the end)."""
     max_failures: int = 0
     """With workers > 1: restarts after a worker failure, each resuming from the latest checkpoint."""
+
+    def check_training(self) -> None:
+        check(self.workers >= 1, "workers", self.workers, "must be >= 1")
+        check(self.zero_stage in (None, 0, 1, 2), "zero_stage", self.zero_stage, "must be null (DDP), 0, 1 or 2")
+        check(self.max_failures >= 0, "max_failures", self.max_failures, "must be >= 0")
+        check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every,
+              "must be >= 0 (0: only at the end)")
+        check(self.epochs >= 0, "epochs", self.epochs, "must be >= 0")
+        check(self.lr > 0, "lr", self.lr, "must be > 0")
+        check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm,
+              "must be > 0 (null: no clipping)")
+        check(self.lr_scheduler in LR_SCHEDULERS, "lr_scheduler", self.lr_scheduler,
+              f"must be one of {list(LR_SCHEDULERS)}")
+        check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+
+
+@dataclass
+class AlignConfig(StageTraining):
+    method: str = "sft"
+    """Alignment method: one of ALIGN_METHODS."""
     compute_match: Literal["none", "vaa"] = "none"
     """With method=sft: none = epochs x batches steps; vaa = compute-matched SFT, as many steps as VAA with
     align.vaa would spend backward passes (1.5x under the default curriculum; the control for VAA's extra compute)."""
@@ -83,7 +91,7 @@ class AlignConfig:
 
     def __post_init__(self) -> None:
         check(self.method in ALIGN_METHODS, "method", self.method, f"must be one of {list(ALIGN_METHODS)}")
-        _check_training(self)
+        self.check_training()
         check(self.compute_match in ("none", "vaa"), "compute_match", self.compute_match, "must be none or vaa")
         check(self.compute_match == "none" or self.method == "sft", "compute_match", self.compute_match,
               f"matches SFT's compute to VAA's; method={self.method} must be sft")
@@ -92,7 +100,7 @@ class AlignConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(StageTraining):
     method: str = "sft"
     """Fine-tuning method (the user's fine-tuning as a service would run it): one of FINETUNE_METHODS."""
     task: str = "sst2"
@@ -101,35 +109,8 @@ class FinetuneConfig:
     """Fine-tuning samples in total (task + poison)."""
     poison_ratio: float = 0.1
     """Share p of the n samples that are harmful pairs."""
-    epochs: int = 3
-    """Passes over the fine-tuning mix."""
     lr: float = 1e-4
     """AdamW learning rate (the HFT strength knob; see docs/toy-world.md)."""
-    batch_size: int = 32
-    """Examples per optimizer step."""
-    weight_decay: float = 0.1
-    """AdamW weight decay, not on biases and norm weights (the references' --weight_decay 0.1, e.g. git-disl/Vaccine
-    script/alignment/Vaccine.sh:L32; HF Trainer's decay/no-decay split)."""
-    max_grad_norm: float | None = 1.0
-    """Clip the update gradient to this global L2 norm before each optimizer step (the HF Trainer default 1.0, which
-    every reference trains under; null: no clipping)."""
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    """Learning-rate schedule over the stage's steps: constant, linear (to 0) or cosine (to 0), as HF's schedulers
-    (Booster, VAA and Lisa fine-tuning: constant; Vaccine and Lisa's SFT alignment: cosine)."""
-    warmup_ratio: float = 0.0
-    """Share of the steps with a linear warmup from 0 (Vaccine.sh:L33: 0.1 with cosine). Unlike HF's "constant",
-    which ignores it, constant here warms up too."""
-    workers: int = 1
-    """1: train in this process; N > 1: a Ray Train TorchTrainer with N DDP workers."""
-    zero_stage: int | None = None
-    """With workers > 1: null = plain DDP; 0, 1, 2 = DeepSpeed ZeRO stage (every method: see training/engine.py)."""
-    use_gpu: bool = False
-    """Train on GPUs: with workers > 1 one GPU per Ray Train worker and nccl (base.dtype=bfloat16 with zero_stage:
-    DeepSpeed's bf16 mode); with workers = 1 this process's GPU. Without enough GPUs the run stops before any work."""
-    checkpoint_every: int = 0
-    """With workers > 1: report a resumable checkpoint every N optimizer steps (0: only at the end)."""
-    max_failures: int = 0
-    """With workers > 1: restarts after a worker failure, each resuming from the latest checkpoint."""
     train_source: str | None = None
     """Task training data: HF `name[:split]` or a local path (null: the task's default)."""
     test_source: str | None = None
@@ -150,4 +131,4 @@ class FinetuneConfig:
         check(self.n > 0, "n", self.n, "must be > 0")
         check(0.0 <= self.poison_ratio <= 1.0, "poison_ratio", self.poison_ratio, "must be in [0, 1]")
         check(0.0 < self.test_share < 1.0, "test_share", self.test_share, "must be in (0, 1)")
-        _check_training(self)
+        self.check_training()
