@@ -106,10 +106,12 @@ def test_safegrad_two_workers_match_one_worker(smoke, ray_local, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [None, 2])
+@pytest.mark.parametrize("zero_stage", [2])
 def test_a_crashed_run_resumes_from_its_checkpoint_exactly(smoke, ray_local, tmp_path, zero_stage):
     """VAA on 2 workers, checkpoint every 2 steps, a worker crashes after step 5: the result equals the unbroken run.
-    Under the references' recipe (clipping, weight decay, cosine schedule with warmup): the schedule resumes too."""
+    Under the references' recipe (clipping, weight decay, cosine schedule with warmup): the schedule resumes too.
+    ZeRO-2 only: plain DDP's resume, schedule included, is the SafeGrad test below (the same checkpoint code, a crash
+    at step 3, the same exact equality); a DDP variant here cost 70-100 s of the suite's 20 minutes."""
     cfg = smoke("align.method=vaa", "align.epochs=1", "align.batch_size=8", "align.lr=1e-3", "align.vaa.rho=0.3",
                 "align.vaa.eta_q=0.5", "align.checkpoint_every=2", f"align.zero_stage={zero_stage or 'null'}",
                 "align.max_grad_norm=0.5", "align.weight_decay=0.1", "align.lr_scheduler=cosine", "align.warmup_ratio=0.25")
@@ -245,7 +247,8 @@ def test_safegrad_resumed_from_a_checkpoint_keeps_the_aligned_model_as_kl_refere
     puts g_a into every update, so a run resumed against the checkpoint would end elsewhere."""
     cfg = smoke("finetune.method=safegrad", "finetune.epochs=1", "finetune.batch_size=8", "finetune.lr=1e-3",
                 "finetune.safegrad.rho=1.0", "finetune.safegrad.batch_size=8", "finetune.checkpoint_every=2",
-                "finetune.safegrad.cache_reference=true")  # the default outside the toy configs: cached at setup
+                "finetune.safegrad.cache_reference=true",  # the default outside the toy configs: cached at setup
+                "finetune.lr_scheduler=cosine", "finetune.warmup_ratio=0.25")  # DDP resumes the schedule too
     base = base_model(cfg, log=lambda *_: None)
     world = build_world(cfg.data.toy)
     pairs = [(h.prompt, h.response) for h in world.poison[:48]]
