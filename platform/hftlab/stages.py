@@ -158,13 +158,13 @@ class Generators:
     """A run's generation backend across its evaluations. A vLLM engine (20-50 s to start on a CPU) is started once and
     moved to the next model by serve(): base, aligned and fine-tuned answer from one engine when their stages are
     cached. close() it before a stage trains (an idle engine keeps its memory and a process) and when the run ends;
-    an HF model is let go after each evaluation."""
+    an HF model, or any generator with keep=False, is let go after each model's answers (done())."""
 
-    def __init__(self, cfg: Config) -> None:
-        self.cfg, self.gen = cfg, None
+    def __init__(self, cfg: Config, keep: bool = True) -> None:
+        self.cfg, self.gen, self.keep = cfg, None, keep and cfg.eval.backend == "vllm"
 
     def get(self, model_dir: str, log=print):
-        if self.gen is not None and self.cfg.eval.backend == "vllm":
+        if self.gen is not None and self.keep:
             self.gen.serve(model_dir)
         else:
             self.close()
@@ -172,7 +172,7 @@ class Generators:
         return self.gen
 
     def done(self) -> None:
-        if self.cfg.eval.backend != "vllm":
+        if not self.keep:
             self.close()
 
     def close(self) -> None:
@@ -184,7 +184,7 @@ class Generators:
 def answers(cfg: Config, model_dir: str, p: Plan, log=print, gens: Generators | None = None) -> dict[str, list[str]]:
     """Greedy answers to the HS test prompts and the task test prompts; cached by model, prompts and decoding.
     `gens`: the run's Generators (one vLLM engine for all its models); none: a generator for this model alone."""
-    backend = {"backend": cfg.eval.backend} if cfg.eval.backend != "hf" else {}  # hf's keys stay as they were
+    backend = {"backend": cfg.eval.backend} if cfg.eval.backend != "hf" else {}  # hf: no entry (it predates the option)
     key = digest({"model": model_dir, "max_new_tokens": cfg.eval.max_new_tokens, "template": cfg.data.template,
                   "dtype": cfg.base.dtype, "harmful": [h.prompt for h in p.harmful_test],
                   "task": [t.prompt for t in p.task_test], **backend})
@@ -192,17 +192,13 @@ def answers(cfg: Config, model_dir: str, p: Plan, log=print, gens: Generators | 
     if cache.is_file():
         return json.loads(cache.read_text())
     log(f"[eval] generating {len(p.harmful_test)} + {len(p.task_test)} answers with {Path(model_dir).name}")
-    own = gens is None
-    gens = gens or Generators(cfg)
+    gens = gens or Generators(cfg, keep=False)
     gen = gens.get(model_dir, log)
     try:
         result = {"harmful": gen.generate([h.prompt for h in p.harmful_test]),
                   "task": gen.generate([t.prompt for t in p.task_test])}
     finally:
-        if own:
-            gens.close()
-        else:
-            gens.done()
+        gens.done()
     atomic_write_text(cache, json.dumps(result))
     return result
 
