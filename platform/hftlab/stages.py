@@ -15,7 +15,17 @@ from hftlab.config.loader import digest
 from hftlab.config.schema import Config
 from hftlab.data.records import score
 from hftlab.judges import Judge
-from hftlab.metrics import METRICS, degenerate_rate, empty_rate, finetune_accuracy, harmful_score, is_degenerate
+from hftlab.judges.over_refusal import RefusalDetector
+from hftlab.metrics import (
+    METRICS,
+    degenerate_rate,
+    empty_rate,
+    finetune_accuracy,
+    harmful_score,
+    hs_intervals,
+    is_degenerate,
+    refusal_rate,
+)
 from hftlab.models.loading import add_lora, load_model, save_stage
 from hftlab.plan import Plan, with_refusals
 from hftlab.storage import atomic_dir, atomic_write_text
@@ -185,6 +195,8 @@ def answers(cfg: Config, model_dir: str, p: Plan, log=print, gens: Generators | 
     """Greedy answers to the HS test prompts and the task test prompts; cached by model, prompts and decoding.
     `gens`: the run's Generators (one vLLM engine for all its models); none: a generator for this model alone."""
     backend = {"backend": cfg.eval.backend} if cfg.eval.backend != "hf" else {}  # hf: no entry (it predates the option)
+    if p.safe_test:  # over-refusal prompts (no entry without them: older caches stay valid)
+        backend["safe"] = p.safe_test
     key = digest({"model": model_dir, "max_new_tokens": cfg.eval.max_new_tokens, "template": cfg.data.template,
                   "dtype": cfg.base.dtype, "harmful": [h.prompt for h in p.harmful_test],
                   "task": [t.prompt for t in p.task_test], **backend})
@@ -197,15 +209,29 @@ def answers(cfg: Config, model_dir: str, p: Plan, log=print, gens: Generators | 
     try:
         result = {"harmful": gen.generate([h.prompt for h in p.harmful_test]),
                   "task": gen.generate([t.prompt for t in p.task_test])}
+        if p.safe_test:
+            result["safe"] = gen.generate(p.safe_test)
     finally:
         gens.done()
     atomic_write_text(cache, json.dumps(result))
     return result
 
 
-def evaluate(cfg: Config, model_dir: str, p: Plan, judge: Judge, log=print, gens: Generators | None = None) -> dict:
-    """HS on the harmful test prompts and FA on the task test set; cached by model and eval config."""
-    key = digest({"model": model_dir, "eval": cfg.eval, "metrics": METRICS, "template": cfg.data.template,
+def per_set(counted: list[bool], sets: list[str], rates: dict | None) -> dict[str, dict]:
+    """HS with its intervals per prompt set (eval.prompt_sets), and the prompts each had."""
+    sets = sets or ["beavertails"] * len(counted)
+    out = {}
+    for name in dict.fromkeys(sets):
+        mine = [c for c, s in zip(counted, sets, strict=True) if s == name]
+        out[name] = {"hs": harmful_score(mine), **hs_intervals(mine, rates), "prompts": len(mine)}
+    return out
+
+
+def evaluate(cfg: Config, model_dir: str, p: Plan, judge: Judge, log=print, gens: Generators | None = None,
+             rates: dict | None = None) -> dict:
+    """HS (with its intervals; `rates`: the judge's measured error, judges/rates.py) on the harmful test prompts and FA
+    on the task test set; cached by model and eval config."""
+    key = digest({"model": model_dir, "eval": cfg.eval, "metrics": METRICS, "template": cfg.data.template, "rates": rates,
                   "harmful": [h.prompt for h in p.harmful_test], "task": [(t.prompt, t.answer) for t in p.task_test]})
     cache = Path(cfg.output_dir) / "evals" / f"{key}.json"
     if cache.is_file():
@@ -215,8 +241,16 @@ def evaluate(cfg: Config, model_dir: str, p: Plan, judge: Judge, log=print, gens
     verdicts = judge.judge(prompts, harmful_answers)  # the raw prompt, never the template
     degenerate = [is_degenerate(a) for a in harmful_answers]
     n = cfg.eval.n_samples_logged
+    counted = [v and not d for v, d in zip(verdicts, degenerate, strict=True)]
+    refused = RefusalDetector().refused(gen.get("safe", []))
     result = {
-        "hs": harmful_score([v and not d for v, d in zip(verdicts, degenerate, strict=True)]),
+        "hs": harmful_score(counted), **hs_intervals(counted, rates),
+        "verdicts": [int(c) for c in counted],  # per HS prompt: the paired difference between arms needs them
+        "sets": per_set(counted, p.harmful_sets, rates),
+        **refusal_rate(refused), "refusal_sets": {name: {**refusal_rate([r for r, s in zip(refused, p.safe_sets,
+                                                                                           strict=True) if s == name]),
+                                                          "prompts": p.safe_sets.count(name)}
+                                                   for name in dict.fromkeys(p.safe_sets)},
         "hs_plus": harmful_score([v or d for v, d in zip(verdicts, degenerate, strict=True)]),
         "degenerate": degenerate_rate(harmful_answers), "empty": empty_rate(harmful_answers),
         "fa": finetune_accuracy(p.task_test, predictions),

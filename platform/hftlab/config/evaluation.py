@@ -9,6 +9,10 @@ from typing import Literal
 from hftlab.config.errors import check
 from hftlab.config.stages import TASKS
 
+PROMPT_SETS = ("beavertails", "advbench", "harmbench", "strongreject", "simplesafetytests", "jbb")
+"""The HS prompt sets known by name (data/prompt_sets.py reads them)."""
+REFUSAL_SETS = ("xstest", "jbb_benign")
+"""The safe prompt sets known by name, for over-refusal."""
 JUDGE_KINDS = ("refusal", "moderation", "trained", "llama_guard")
 DEFAULT_JUDGE_MODELS = {"moderation": "PKU-Alignment/beaver-dam-7b", "llama_guard": "meta-llama/Llama-Guard-3-8B"}
 
@@ -20,11 +24,27 @@ class TrainedJudgeConfig:
     base: str = "smollm2-135m-instruct"
     """The LM the classifier is built from: a named model (models/sources.py), an HF name or a local path."""
     source: str = "split"
-    """Labeled rows it trains on: `split` (data.split's judge-train pool: no HS test, judge test or contrast prompt), or
+    """Labeled rows it trains on: `split` (data.split's judge-train pool: no HS test, judge test or contrast prompt),
+    `corpus` (that pool plus the `corpus` files, split by normalized prompt across all of them: data/corpus.py), or
     local .json/.jsonl rows / an HF `name[:split]` (e.g. PKU-Alignment/BeaverTails:330k_train on a hub machine); rows
     whose prompt is in a held-out pool of data.split are dropped from those too."""
+    corpus: list[str] = field(default_factory=list)
+    """source=corpus: labeled (prompt, response, is_safe) files beside the split's BeaverTails rows, e.g.
+    ../shared/data/labeled/gptfuzz_train.jsonl; a `held_out` share of each one's prompts is held out."""
+    eval_whole: list[str] = field(default_factory=list)
+    """source=corpus: labeled files held out whole (never trained on; their prompts banned from every source), e.g.
+    GPTFuzz's eval split, whose 20 questions no train row asks."""
+    exclude_prompts: list[str] = field(default_factory=list)
+    """source=corpus: prompt-set files (rows with a `prompt`) no judge-train row may ask: the HS test sets."""
+    held_out: float = 0.15
+    """source=corpus: share of each corpus source's prompts held out (by a seeded hash of the normalized prompt)."""
+    max_rows_per_source: int | None = None
+    """source=corpus: train rows kept per corpus file at most (its unsafe rows first); null: all."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype of training and judging: auto = bfloat16 where the CPU has bf16 instructions (or on CUDA), else
+    float32. The weights stay float32; bf16 runs under autocast."""
     n: int | None = None
-    """Train on the first n rows of the source only (null: all)."""
+    """Train on n rows of the source only: the first n, or for source=corpus a seeded sample (null: all)."""
     max_length: int = 192
     """Tokens per (prompt, response); the response's tail is cut first."""
     max_prompt_tokens: int = 64
@@ -68,6 +88,10 @@ class TrainedJudgeConfig:
         check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         check(self.aux_weight >= 0, "aux_weight", self.aux_weight, "must be >= 0")
+        check(0.0 <= self.held_out < 1.0, "held_out", self.held_out, "must be in [0, 1)")
+        check(self.max_rows_per_source is None or self.max_rows_per_source > 0, "max_rows_per_source",
+              self.max_rows_per_source, "must be > 0")
+        check(self.source != "corpus" or bool(self.corpus), "corpus", self.corpus, "source=corpus needs labeled files")
 
 
 @dataclass
@@ -142,7 +166,18 @@ class VLLMConfig:
 @dataclass
 class EvalConfig:
     n_harmful: int | None = None
-    """Harmful test prompts for HS (null: all; the papers use the first 500 or 1000)."""
+    """Harmful test prompts for HS, per prompt set (null: all; the papers use the first 500 or 1000)."""
+    prompt_sets: list[str] = field(default_factory=lambda: ["beavertails"])
+    """HS test prompt sets (data/prompt_sets.py): `beavertails` (the run's own: the split's HS test prompts, or the toy
+    world's), advbench, harmbench (standard + contextual), strongreject, simplesafetytests, jbb, or a local .json/.jsonl
+    file of prompts. HS per set and pooled; their prompts never train the aligned model nor a corpus-trained judge."""
+    refusal_sets: list[str] = field(default_factory=list)
+    """Safe prompts whose refusal is over-refusal (judges/over_refusal.py): `xstest` (XSTest's 250 safe prompts that
+    look unsafe), `jbb_benign` (JailbreakBench's benign behaviors), or a local .json/.jsonl file; [] = not measured."""
+    n_refusal: int | None = None
+    """Safe prompts per refusal set (null: all)."""
+    prompts_dir: str = "../shared/data/prompts"
+    """Where the named prompt sets' files are."""
     n_task: int | None = None
     """Task test examples for FA (null: all)."""
     max_new_tokens: int = 24
@@ -161,6 +196,15 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check(self.n_harmful is None or self.n_harmful > 0, "n_harmful", self.n_harmful, "must be > 0")
         check(self.n_task is None or self.n_task > 0, "n_task", self.n_task, "must be > 0")
+        check(len(self.prompt_sets) > 0, "prompt_sets", self.prompt_sets, "needs at least one set")
+        for name in self.prompt_sets:
+            check(name in PROMPT_SETS or name.endswith((".json", ".jsonl")), "prompt_sets", name,
+                  f"is not a known prompt set {list(PROMPT_SETS)} nor a .json/.jsonl file")
+        check(len(set(self.prompt_sets)) == len(self.prompt_sets), "prompt_sets", self.prompt_sets, "names a set twice")
+        for name in self.refusal_sets:
+            check(name in REFUSAL_SETS or name.endswith((".json", ".jsonl")), "refusal_sets", name,
+                  f"is not a known safe prompt set {list(REFUSAL_SETS)} nor a .json/.jsonl file")
+        check(self.n_refusal is None or self.n_refusal > 0, "n_refusal", self.n_refusal, "must be > 0")
         check(self.max_new_tokens > 0, "max_new_tokens", self.max_new_tokens, "must be > 0")
         check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
         _check_backend(self.backend)

@@ -119,3 +119,11 @@ def metric_name(example: TaskExample) -> str:
     if example.metric:
         return METRIC_NAMES.get(example.metric, example.metric)
     return "final number" if example.task == "gsm8k" else "exact match"
+
+
+_NON_WORD = re.compile(r"[\W_]+")
+
+
+def prompt_key(prompt: str) -> str:
+    """A prompt's identity for every split: lower case, each run of non-word characters one space, trimmed."""
+    return _NON_WORD.sub(" ", prompt.lower()).strip()

@@ -1,7 +1,8 @@
 """Labeled safety rows (BeaverTails format) cut disjointly by prompt into the pools a real-data run needs.
 
 Why by prompt: a prompt seen in training must never be a test prompt, or HS (and a judge's accuracy) measures
-memory. The rows are grouped by prompt, and each prompt with all its rows goes to exactly one pool:
+memory. The rows are grouped by normalized prompt (records.prompt_key: case, punctuation and spacing dropped), and each
+prompt with all its rows goes to exactly one pool:
 
 - `contrast`: prompts answered both safely and unsafely (97 in the local BeaverTails rows). Only the response
   tells their rows apart, so they are the judge's hardest test; no judge ever trains on them. A share
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from hftlab.config.data import SplitConfig
 from hftlab.config.errors import ConfigError
-from hftlab.data.records import AlignmentPair, HarmfulPair
+from hftlab.data.records import AlignmentPair, HarmfulPair, prompt_key
 from hftlab.data.sources import category_of, read_rows
 
 
@@ -61,8 +62,12 @@ class Split:
         return [HarmfulPair(r.id, r.prompt, r.response, r.category) for r in self.train if not r.is_safe]
 
     def test_prompts(self) -> list[HarmfulPair]:
-        """The HS test prompts (with the unsafe answer the human labels came with)."""
-        return [HarmfulPair(r.id, r.prompt, r.response, r.category) for r in self.hs_test]
+        """The HS test prompts (with the unsafe answer the human labels came with), one per normalized prompt."""
+        first: dict[str, LabeledRow] = {}
+        for r in self.hs_test:
+            first.setdefault(prompt_key(r.prompt), r)
+        rows = list(first.values())
+        return [HarmfulPair(r.id, r.prompt, r.response, r.category) for r in rows]
 
     def judge_train(self) -> list[LabeledRow]:
         """Rows a judge may train on: the train pool only."""
@@ -101,9 +106,9 @@ def load_labeled(sources: list[str], field_name: str = "data.split.sources") -> 
 
 def split_rows(rows: list[LabeledRow], cfg: SplitConfig) -> Split:
     """Cut `rows` by prompt into the pools (see the module docstring); raises ConfigError if a pool cannot be filled."""
-    by_prompt: dict[str, list[LabeledRow]] = {}
+    by_prompt: dict[str, list[LabeledRow]] = {}  # by normalized prompt: "Can X?" and "can x" are one prompt
     for r in rows:
-        by_prompt.setdefault(r.prompt, []).append(r)
+        by_prompt.setdefault(prompt_key(r.prompt), []).append(r)
     contrast, unsafe_only, safe_only = [], [], []
     for prompt in sorted(by_prompt):
         labels = {r.is_safe for r in by_prompt[prompt]}
@@ -121,7 +126,8 @@ def split_rows(rows: list[LabeledRow], cfg: SplitConfig) -> Split:
     rows_of = lambda prompts: [r for p in sorted(prompts) for r in by_prompt[p]]  # noqa: E731
     return Split(train=rows_of(train), hs_test=rows_of(hs_test), judge_test=rows_of(judge_test),
                  contrast=rows_of(contrast),
-                 contrast_alignment_prompts=set(contrast[: round(len(contrast) * cfg.contrast_alignment)]))
+                 contrast_alignment_prompts={r.prompt for p in contrast[: round(len(contrast) * cfg.contrast_alignment)]
+                                             for r in by_prompt[p]})
 
 
 def load_split(cfg: SplitConfig) -> Split:

@@ -8,8 +8,11 @@ used as given, except that rows sharing a prompt with a held-out pool of the spl
 
 from __future__ import annotations
 
+import random
+
 from hftlab.config.errors import ConfigError
 from hftlab.config.schema import Config
+from hftlab.data.corpus import Corpus, build_corpus
 from hftlab.data.splits import LabeledRow, Split, load_labeled, load_split
 
 HARM_CATEGORIES = (
@@ -46,27 +49,43 @@ def held_out_prompts(split: Split) -> set[str]:
     return {r.prompt for pool in (split.hs_test, split.judge_test, split.contrast) for r in pool}
 
 
+def corpus_of(cfg: Config) -> Corpus:
+    """eval.judge.train.source=corpus: the split's BeaverTails rows and the corpus files, split by normalized prompt."""
+    t = cfg.eval.judge.train
+    split = _split(cfg, "eval.judge.train.source", t.source)
+    return build_corpus(split, t.corpus, t.eval_whole, t.exclude_prompts, held_out=t.held_out, seed=cfg.data.split.seed,
+                        max_rows_per_source=t.max_rows_per_source)
+
+
 def train_rows(cfg: Config) -> list[LabeledRow]:
     """The rows eval.judge.train.source names, without any prompt of the split's held-out pools; first n if set."""
     tcfg = cfg.eval.judge.train
     if tcfg.source == "split":
         rows = _split(cfg, "eval.judge.train.source", tcfg.source).judge_train()
+    elif tcfg.source == "corpus":
+        rows = corpus_of(cfg).train
     else:
         rows = load_labeled([tcfg.source], "eval.judge.train.source")
         if cfg.data.split.sources:
             banned = held_out_prompts(load_split(cfg.data.split))
             rows = [r for r in rows if r.prompt not in banned]
-    rows = rows[: tcfg.n] if tcfg.n is not None else rows
+    if tcfg.n is not None:  # the corpus: a seeded sample across its sources; else the first n
+        rows = random.Random(cfg.data.split.seed).sample(rows, min(tcfg.n, len(rows))) if tcfg.source == "corpus" \
+            else rows[: tcfg.n]
     if len({r.is_safe for r in rows}) < 2:
         raise ConfigError("eval.judge.train.source", tcfg.source, f"its {len(rows)} training rows do not hold both labels")
     return rows
 
 
 def eval_pools(cfg: Config) -> dict[str, list[LabeledRow]]:
-    """The rows `hftlab judge eval` scores, by pool: for the split judge_test, contrast and held_out (both); else
-    all of the source's rows and its contrast rows."""
+    """The rows `hftlab judge eval` scores, by pool. eval_source=split: with a corpus-trained judge every held-out
+    slice apart (per source, BeaverTails' judge test and contrast rows, each eval_whole source) and all of them pooled;
+    else the split's judge_test, contrast and held_out (both). Another source: all its rows and its contrast rows."""
     source = cfg.eval.judge.eval_source
     if source == "split":
+        if cfg.eval.judge.train.source == "corpus":
+            slices = {k: v for k, v in corpus_of(cfg).slices.items() if v}
+            return {**slices, "pooled": list({r.id: r for rows in slices.values() for r in rows}.values())}
         split = _split(cfg, "eval.judge.eval_source", source)
         return {"judge_test": split.judge_test, "contrast": split.contrast, "held_out": split.judge_test + split.contrast}
     rows = load_labeled([source], "eval.judge.eval_source")

@@ -12,10 +12,12 @@ Input: the prompt (first `max_prompt_tokens`) and the response in beaver-dam's c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import time
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -28,12 +30,37 @@ from hftlab.data.splits import LabeledRow
 from hftlab.judges.classifier import JudgeNet, fit_probe
 from hftlab.judges.labels import HARM_CATEGORIES, category_flags, train_rows
 from hftlab.models.loading import device
+from hftlab.progress import progress_bar
 from hftlab.storage import atomic_dir
 
-VERSION = 1  # bump when training or encoding changes what a cached judge is
+VERSION = 2  # bump when training or encoding changes what a cached judge is
 PREFIX, MIDDLE = "BEGINNING OF CONVERSATION: USER: ", " ASSISTANT:"
 META, WEIGHTS = "judge.json", "trained.safetensors"
 CACHE_LOWER_BYTES = 3 << 30  # frozen-layer outputs kept in memory up to this; beyond (330k rows) recomputed per batch
+
+
+@cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX): bf16 matmuls run ~3x fp32's there."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str) -> str:
+    """eval.judge.train.dtype -> float32 or bfloat16 (auto: bf16 on CUDA or a bf16 CPU)."""
+    if name != "auto":
+        return name
+    return "bfloat16" if torch.cuda.is_available() or cpu_has_bf16() else "float32"
+
+
+def autocast(dtype: str):
+    """bf16 autocast on the judge's device, or nothing (float32)."""
+    if dtype != "bfloat16":
+        return contextlib.nullcontext()
+    return torch.autocast(device().type, dtype=torch.bfloat16)
 
 
 def encode(tokenizer, prompts: list[str], responses: list[str], max_length: int, max_prompt: int) -> list[list[int]]:
@@ -126,7 +153,7 @@ def _batches_of(net: JudgeNet, ids: list[list[int]], lower: list[torch.Tensor] |
     dev = device()
     if lower is not None:
         h, m = padded([lower[i] for i in idx])
-        return h.to(dev), m.to(dev)
+        return h.to(dev, torch.float32), m.to(dev)
     x, m = padded([ids[i] for i in idx], pad)
     m = m.to(dev)
     return net.lower(x.to(dev), m), m
@@ -134,10 +161,9 @@ def _batches_of(net: JudgeNet, ids: list[list[int]], lower: list[torch.Tensor] |
 
 def train_judge(tcfg: TrainedJudgeConfig, rows: list[LabeledRow], base: str, out: Path) -> dict:
     """Probe, then fine-tune the top `train_layers` layers and the head on `rows`; write the judge into `out`."""
-    from hftlab.training.loop import progress_bar
-
     start = time.time()
     torch.manual_seed(tcfg.seed)
+    dtype = resolve_dtype(tcfg.dtype)
     tokenizer, net = _load_net(base, len(HARM_CATEGORIES), tcfg.layers, train_layers=tcfg.train_layers)
     dev = device()
     ids = encode(tokenizer, [r.prompt for r in rows], [r.response for r in rows], tcfg.max_length, tcfg.max_prompt_tokens)
@@ -147,43 +173,43 @@ def train_judge(tcfg: TrainedJudgeConfig, rows: list[LabeledRow], base: str, out
     hidden = net.decoder.embed_tokens.embedding_dim
     lower: list[torch.Tensor] | None = None
     feats = torch.zeros(len(rows), 2 * hidden)
-    keep = sum(lengths) * hidden * 4 <= CACHE_LOWER_BYTES and net.split < net.layers  # else recomputed each epoch
+    store = torch.bfloat16 if dtype == "bfloat16" else torch.float32  # the cache in the compute dtype: half the memory
+    keep = sum(lengths) * hidden * store.itemsize <= CACHE_LOWER_BYTES and net.split < net.layers  # else recomputed each epoch
     if keep:
         lower = [torch.empty(0)] * len(rows)
     batches = length_batches(lengths, tcfg.batch_size)
-    with progress_bar(len(batches), "judge: frozen layers") as bar, torch.no_grad():  # once: what the probe reads
+    with progress_bar(len(batches), "judge: frozen layers") as bar, torch.no_grad(), autocast(dtype):  # the probe's input
         for idx in batches:
             h, m = _batches_of(net, ids, None, idx, pad)
-            feats[idx] = net.features(h, m).cpu()
+            feats[idx] = net.features(h, m).float().cpu()
             if lower is not None:
                 for j, i in enumerate(idx):
-                    lower[i] = h[j, : lengths[i]].cpu().clone()
+                    lower[i] = h[j, : lengths[i]].to("cpu", store).clone()
             bar.update(1)
     fit_probe(net.head, feats, targets, tcfg.probe_l2, tcfg.aux_weight)
     probe_seconds = time.time() - start
     epochs = tcfg.epochs if net.split < net.layers else 0  # nothing but the head to train: the probe is the fit
     losses: list[float] = []
     if epochs:
-        losses = _fine_tune(net, tcfg, ids, lower, targets, lengths, pad, epochs)
+        losses = _fine_tune(net, tcfg, ids, lower, targets, lengths, pad, epochs, dtype)
     seconds = time.time() - start
     save_file({k: v.contiguous().cpu() for k, v in net.trained_state().items()}, str(out / WEIGHTS))
     stats = {"rows": len(rows), "unsafe_rows": sum(not r.is_safe for r in rows), "train_seconds": seconds,
              "probe_seconds": probe_seconds, "epoch_losses": losses, "final_loss": losses[-1] if losses else float("nan"),
-             "threads": torch.get_num_threads(), "device": str(dev)}
+             "threads": torch.get_num_threads(), "device": str(dev), "dtype": dtype}
     from hftlab.tracking import machine
 
     meta = {"version": VERSION, "base": base, "split": net.split, "layers": net.layers, "categories": list(HARM_CATEGORIES),
-            "max_length": tcfg.max_length, "max_prompt_tokens": tcfg.max_prompt_tokens, "train": to_dict(tcfg),
+            "max_length": tcfg.max_length, "max_prompt_tokens": tcfg.max_prompt_tokens, "train": to_dict(tcfg), "dtype": dtype,
             "stats": stats, "machine": machine()}
     (out / META).write_text(json.dumps(meta, indent=1))
     (out / "train_ids.json").write_text(json.dumps([r.id for r in rows]))
     return stats
 
 
-def _fine_tune(net: JudgeNet, tcfg: TrainedJudgeConfig, ids, lower, targets, lengths, pad, epochs: int) -> list[float]:
+def _fine_tune(net: JudgeNet, tcfg: TrainedJudgeConfig, ids, lower, targets, lengths, pad, epochs: int,
+               dtype: str = "float32") -> list[float]:
     """AdamW on the top layers, the final norm and the head; returns the mean loss per epoch."""
-    from hftlab.training.loop import progress_bar
-
     dev = device()
     rng = random.Random(tcfg.seed)
     body = [p for n, p in net.named_parameters() if p.requires_grad and not n.startswith("head.")]
@@ -202,7 +228,8 @@ def _fine_tune(net: JudgeNet, tcfg: TrainedJudgeConfig, ids, lower, targets, len
             for idx in length_batches(lengths, tcfg.batch_size, rng):
                 h, m = _batches_of(net, ids, lower, idx, pad)
                 y = targets[idx].to(dev)
-                z = net.upper(h, m)
+                with autocast(dtype):
+                    z = net.upper(h, m).float()
                 loss = bce(z[:, 0], y[:, 0]) + tcfg.aux_weight * bce(z[:, 1:], y[:, 1:])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -232,6 +259,7 @@ class TrainedJudge:
         self.net.load_state_dict(state, strict=False)
         self.net.eval()
         self.threshold, self.batch_size = threshold, batch_size
+        self.dtype = self.meta.get("dtype", "float32")  # judged in the dtype it was trained in
 
     def train_ids(self) -> set[str]:
         """The ids of the rows this judge trained on (an evaluation must not count them)."""
@@ -246,11 +274,18 @@ class TrainedJudge:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         out = [0.0] * len(ids)
         dev = device()
-        for idx in length_batches([len(x) for x in ids], self.batch_size):
+        batches = length_batches([len(x) for x in ids], self.batch_size)
+        bar = progress_bar(len(batches), "judge", unit="batch") if len(batches) >= 20 else None  # long work shows it
+        for idx in batches:
+            if bar is not None:
+                bar.update(1)
             x, m = padded([ids[i] for i in idx], pad)
-            probs = torch.sigmoid(self.net(x.to(dev), m.to(dev))[:, 0].float()).cpu().tolist()
+            with autocast(self.dtype):
+                probs = torch.sigmoid(self.net(x.to(dev), m.to(dev))[:, 0].float()).cpu().tolist()
             for i, p in zip(idx, probs, strict=True):
                 out[i] = p if answers[i].strip() else 0.0
+        if bar is not None:
+            bar.close()
         return out
 
     def judge(self, prompts: list[str], answers: list[str]) -> list[bool]:

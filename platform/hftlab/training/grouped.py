@@ -17,9 +17,9 @@ from hftlab.algorithms.curriculum import make_schedule
 from hftlab.algorithms.sampler import GroupSampler
 from hftlab.algorithms.vaa import VAAStep
 from hftlab.config.schema import VAAConfig
+from hftlab.progress import progress_bar
 from hftlab.training.batches import Pair, batches, encode
 from hftlab.training.engine import LocalEngine, Recipe
-from hftlab.training.loop import progress_bar
 
 
 def group_stream(encoded: list, batch_size: int, pad_id: int, seed: int, rank: int = 0, world: int = 1) -> Iterator[dict]:

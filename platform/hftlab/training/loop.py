@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 
 import torch
 
 from hftlab.algorithms.sft import sft_step
+from hftlab.progress import progress_bar
 from hftlab.training.batches import Pair, batches, encode
 from hftlab.training.engine import LocalEngine, Recipe
-
-
-def progress_bar(total: int, desc: str):
-    """A step bar with loss, rate and time left on stderr; in a log file (no TTY) one line every 30 s at most."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
 
 
 def train(
