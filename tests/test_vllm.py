@@ -76,7 +76,8 @@ def lora_stage(parent: str, out: Path, seed: int) -> str:
 
 # the backends are compared, not the judges: the keyword judge (the real config's trained judge would be trained
 # into each test's own cache_dir first)
-KEYWORD_JUDGE = ["eval.judge.kind=refusal", "eval.judge.compare=[]"]
+KEYWORD_JUDGE = ["eval.judge.kind=refusal", "eval.judge.compare=[]",
+                 "eval.prompt_sets=[beavertails]", "eval.refusal_sets=[]"]  # and the split's own HS prompts only
 
 
 def share_same(a: list[str], b: list[str]) -> float:

@@ -69,8 +69,14 @@ def check_judges(cfg: Config) -> None:
             if not (Path(model).expanduser() / "judge.json").is_file():
                 raise ConfigError("eval.judge.model", model, "is not a trained judge (no judge.json; see `hftlab judge train`)")
         elif kind == "trained":
-            if judge.train.source == "split" and not cfg.data.split.sources:
-                raise ConfigError("eval.judge.train.source", "split", "needs data.split.sources (the labeled rows to split)")
+            if judge.train.source in ("split", "corpus") and not cfg.data.split.sources:
+                raise ConfigError("eval.judge.train.source", judge.train.source,
+                                  "needs data.split.sources (the labeled rows to split)")
+            if judge.train.source == "corpus":  # every file the corpus reads, before any work
+                for name in ("corpus", "eval_whole", "exclude_prompts"):
+                    for f in getattr(judge.train, name):
+                        if not Path(f).is_file():
+                            raise ConfigError(f"eval.judge.train.{name}", f, "no such file")
             if judge.train.source != "split" and sources.is_local(judge.train.source) and not Path(judge.train.source).is_file():
                 raise ConfigError("eval.judge.train.source", judge.train.source, "no such file")
             check_model_ref(judge.train.base, "eval.judge.train.base")
