@@ -152,7 +152,8 @@ def test_hftlab_run_stops_before_any_work_on_a_missing_model(tmp_path, override,
     config = REPO / "configs" / "real" / "smollm2-beavertails.yaml"
     data = [f"data.split.sources=[{SOURCES[0]}, {SOURCES[1]}]",
             f"finetune.train_source={SHARED_DATA / 'alpaca' / 'alpaca_eval.json'}",
-            f"finetune.test_source={SHARED_DATA / 'alpaca' / 'alpaca_eval.json'}"]
+            f"finetune.test_source={SHARED_DATA / 'alpaca' / 'alpaca_eval.json'}", "eval.prompt_sets=[beavertails]",
+            "eval.refusal_sets=[]"]  # the config's other data paths are relative to the repo: this test runs elsewhere
     judge = ["eval.judge.kind=moderation"] if "judge" in field else []
     got = _cli("run", str(config), f"output_dir={tmp_path / 'out'}", *data, *judge, override, cwd=tmp_path)
     assert got.returncode == 2
