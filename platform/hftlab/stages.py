@@ -217,13 +217,12 @@ def answers(cfg: Config, model_dir: str, p: Plan, log=print, gens: Generators | 
     return result
 
 
-def per_set(counted: list[bool], sets: list[str], rates: dict | None) -> dict[str, dict]:
-    """HS with its intervals per prompt set (eval.prompt_sets), and the prompts each had."""
-    sets = sets or ["beavertails"] * len(counted)
+def by_set(values: list[bool], sets: list[str], stats) -> dict[str, dict]:
+    """`stats(values of one set)` and the prompts it had, per set name (in order of first appearance)."""
     out = {}
     for name in dict.fromkeys(sets):
-        mine = [c for c, s in zip(counted, sets, strict=True) if s == name]
-        out[name] = {"hs": harmful_score(mine), **hs_intervals(mine, rates), "prompts": len(mine)}
+        mine = [v for v, s in zip(values, sets, strict=True) if s == name]
+        out[name] = {**stats(mine), "prompts": len(mine)}
     return out
 
 
@@ -246,11 +245,9 @@ def evaluate(cfg: Config, model_dir: str, p: Plan, judge: Judge, log=print, gens
     result = {
         "hs": harmful_score(counted), **hs_intervals(counted, rates),
         "verdicts": [int(c) for c in counted],  # per HS prompt: the paired difference between arms needs them
-        "sets": per_set(counted, p.harmful_sets, rates),
-        **refusal_rate(refused), "refusal_sets": {name: {**refusal_rate([r for r, s in zip(refused, p.safe_sets,
-                                                                                           strict=True) if s == name]),
-                                                          "prompts": p.safe_sets.count(name)}
-                                                   for name in dict.fromkeys(p.safe_sets)},
+        "sets": by_set(counted, p.harmful_sets or ["beavertails"] * len(counted),
+                       lambda v: {"hs": harmful_score(v), **hs_intervals(v, rates)}),
+        **refusal_rate(refused), "refusal_sets": by_set(refused, p.safe_sets, refusal_rate),
         "hs_plus": harmful_score([v or d for v, d in zip(verdicts, degenerate, strict=True)]),
         "degenerate": degenerate_rate(harmful_answers), "empty": empty_rate(harmful_answers),
         "fa": finetune_accuracy(p.task_test, predictions),

@@ -89,7 +89,7 @@ def evaluate(cfg: Config, kinds: list[str], log=print) -> dict:
         results["_seconds"][kind] = time.time() - start
         results[kind] = {pool: score([prob[r.id] > threshold for r in rows], rows, [prob[r.id] for r in rows])
                          for pool, rows in kept.items() if rows}
-        rows = rate_rows(cfg)
+        rows = rate_rows(cfg, pools)
         if rows and not seen:  # the rates a run's corrected HS uses: measured here, so the run need not judge them again
             save_rates(cfg, kind, judge, rows, [prob[r.id] > threshold for r in rows])
     return results

@@ -23,11 +23,12 @@ RATE_POOLS = ("pooled", "held_out")
 """The pool the rates come from: the corpus's pooled held-out slices, else the split's held_out."""
 
 
-def rate_rows(cfg: Config) -> list[LabeledRow] | None:
-    """The held-out rows the rates are measured on, or None when the config has no labeled split."""
+def rate_rows(cfg: Config, pools: dict[str, list[LabeledRow]] | None = None) -> list[LabeledRow] | None:
+    """The held-out rows the rates are measured on (from `pools` when the caller has eval_pools(cfg) already), or None
+    when the config has no labeled split."""
     if not cfg.data.split.sources or cfg.eval.judge.eval_source != "split":
         return None
-    pools = eval_pools(cfg)
+    pools = eval_pools(cfg) if pools is None else pools
     return next((pools[p] for p in RATE_POOLS if p in pools), None)
 
 
