@@ -15,9 +15,9 @@ from hftlab.config import ConfigError
 from hftlab.config.data import SplitConfig
 from hftlab.config.schema import LoraConfig
 from hftlab.data.records import TaskExample, prompt_key, rouge_l, score
-from hftlab.data.refusals import keep, last_sentence_cut
 from hftlab.data.splits import load_split
 from hftlab.data.template import prompt_text
+from hftlab.distill import keep, last_sentence_cut
 from hftlab.generation.hf import HFGenerator
 from hftlab.judges.refusal import RefusalJudge
 from hftlab.models.loading import add_lora, load_model

@@ -43,7 +43,7 @@ def setup(args, log):
     from hftlab.groups.proxy import run_proxy
     from hftlab.plan import _task, plan
     from hftlab.stages import base_model, train_stage
-    from hftlab.tracking import Tracker
+    from hftlab.tracker import Tracker
 
     t = args.checkpoints
     cfg = load_config(REAL, ["tracking.enabled=false", "data.refusals.n=0", f"align.n_alignment={args.examples}",

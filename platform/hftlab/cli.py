@@ -1,4 +1,4 @@
-"""`hftlab run | groups | config | judge | sweep | report`: argument parsing only.
+"""`hftlab run | groups | config | judge | sweep | report | tracking`: argument parsing only.
 
 The work is in pipeline.py, groups/, judges/ (train and eval), sweeps.py (Ray Tune) and report.py (tables from MLflow).
 """
@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from hftlab.config import ConfigError, load_config, to_dict
+from hftlab.faults import NonFiniteError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,6 +45,10 @@ def parser() -> argparse.ArgumentParser:
     cmd.add_argument("--out", default=None, help="output directory (default: outputs/reports/EXPERIMENT)")
     cmd.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
     cmd.add_argument("--parent", default=None, help="a sweep's parent run id (default: the experiment's latest sweep)")
+    text = "MLflow: `sync` sends what runs logged while the tracking server was unreachable (their outboxes)"
+    cmd = sub.add_parser("tracking", help=text, description=text)
+    cmd.add_argument("action", choices=["sync"])
+    cmd.add_argument("--output-dir", default="outputs", help="the runs' output_dir (default: outputs)")
     return ap
 
 
@@ -109,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             return sweep(args)
         if args.command == "report":
             return report(args)
+        if args.command == "tracking":
+            from hftlab.tracker import sync
+
+            return 1 if sync(args.output_dir) else 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
@@ -126,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"hftlab: config error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:  # a NaN or inf loss or gradient: the stage, step and method, no traceback
+        print(f"hftlab: numerical fault: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

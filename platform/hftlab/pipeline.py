@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from hftlab.config.loader import ConfigError, digest, to_dict
+from hftlab.config.loader import ConfigError, to_dict
 from hftlab.config.schema import Config, VAAConfig
 from hftlab.data.records import metric_name
 from hftlab.judges import make_judge
@@ -24,12 +24,30 @@ from hftlab.judges.compare import JudgePanel
 from hftlab.judges.rates import judge_rates
 from hftlab.metrics import METRICS
 from hftlab.plan import Plan, plan, side_pairs
+from hftlab.resources import check_writable, peak_rss_gb
 from hftlab.stages import Generators, answers, base_model, check_gpus_of, complete_plan, evaluate, train_stage
-from hftlab.tracking import Tracker, ui_hint
+from hftlab.tracker import Tracker
+from hftlab.tracking import ui_hint
 
 __all__ = ["STAGES", "base_model", "format_summary", "plan", "run", "train_stage", "vaa_groups"]
 
 STAGES = ("base", "aligned", "finetuned")
+
+
+def read_groups(path: str, field: str = "align.vaa.group_file") -> dict[str, int]:
+    """A group file's {id: group} (groups.jsonl: one {"id", "group", ...} object a line, group 0 or 1); any fault
+    is a ConfigError naming `field`, the file and the line."""
+    from hftlab.data.sources import read_rows
+
+    if not path.endswith(".jsonl"):
+        raise ConfigError(field, path, "a group file is a .jsonl file (groups.jsonl, written by hftlab groups)")
+    out = {}
+    for n, row in enumerate(read_rows(path, field), start=1):
+        rid, g = row.get("id"), row.get("group")
+        if not isinstance(rid, str) or isinstance(g, bool) or g not in (0, 1):
+            raise ConfigError(field, path, f"line {n} needs a string id and group 0 or 1, got id={rid!r} group={g!r}")
+        out[rid] = int(g)
+    return out
 
 
 def vaa_groups(cfg: Config, p: Plan, log=print) -> list[int | None]:
@@ -44,15 +62,26 @@ def vaa_groups(cfg: Config, p: Plan, log=print) -> list[int | None]:
         # seed shares one stage 1); its MLflow run would nest, so it logs nothing itself
         sft = replace(cfg, align=replace(cfg.align, method="sft", vaa=VAAConfig()), tracking=replace(cfg.tracking, enabled=False))
         path = run_groups(sft, log)["group_file"]
-    if not Path(path).is_file():
-        raise ConfigError("align.vaa.group_file", path, "no such file")
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    group = {r["id"]: int(r["group"]) for r in rows}
+    group = read_groups(path)
     missing = [a.id for a in p.alignment if a.id not in group]
     if missing:
         raise ConfigError("align.vaa.group_file", path, f"has no group for {len(missing)} alignment examples, e.g. {missing[0]}")
     labels = assign([group[a.id] for a in p.alignment], cfg.align.vaa.grouping, cfg.align.vaa.noise, cfg.seed)
     return labels + [0] * (len(p.align_pairs) - len(p.alignment))  # the benign mix joins the invulnerable group
+
+
+def check_storage(cfg: Config) -> None:
+    """output_dir and the cache take files and have room for the run's stages: a LoRA stage and its checkpoint take
+    tens of MB, a fully tuned one about 4x a named base model's files (weights, and a checkpoint with Adam's moments)."""
+    from hftlab.models.tiny import cache_root
+
+    need = 0.2
+    base = Path(cfg.base.name_or_path)
+    size = sum(f.stat().st_size for f in base.rglob("*") if f.is_file()) / 2**30 if base.is_dir() else 0.0
+    for stage in (cfg.align, cfg.finetune):
+        need += 0.1 if stage.lora.enabled else 4 * size
+    check_writable("output_dir", cfg.output_dir, need)
+    check_writable("cache_dir", cache_root(cfg))
 
 
 def run(cfg: Config, log=print, *, parent_run_id: str | None = None, tags: dict | None = None,
@@ -72,15 +101,16 @@ def run(cfg: Config, log=print, *, parent_run_id: str | None = None, tags: dict 
     start = time.time()
     p = plan(cfg)  # every input and model reference checked before any work
     check_gpus_of(cfg)  # and the GPUs a stage asks for
+    check_storage(cfg)  # and the directories it writes to
     log(f"plan: {len(p.align_pairs)} alignment examples; fine-tuning {len(p.finetune_pairs)} on "
         f"{cfg.finetune.task} with {p.n_poison} harmful (p={cfg.finetune.poison_ratio}); "
         f"eval on {len(p.harmful_test)} harmful + {len(p.task_test)} task prompts")
     methods = cfg.label or f"{cfg.align.method}+{cfg.finetune.method}"
     gens = Generators(cfg)  # one vLLM engine serves every model the run evaluates
     with Tracker(cfg, run_name=run_name or f"{methods}-p{cfg.finetune.poison_ratio}",
-                 parent_run_id=parent_run_id, tags=tags, run_id=run_id) as tracker, closing(gens):
+                 parent_run_id=parent_run_id, tags=tags, run_id=run_id, log=log) as tracker, closing(gens):
         tracker.text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config/resolved.yaml")
-        tracker.tags({"hftlab.config_hash": digest(cfg), "hftlab.world": cfg.data.world})
+        tracker.tags({"hftlab.world": cfg.data.world})
         judge = make_judge(cfg.eval.judge, trust_remote_code=cfg.base.trust_remote_code, root=cfg, log=log)
         panel = JudgePanel(cfg, log, made={cfg.eval.judge.kind: judge}) if cfg.eval.judge.compare else None
         rates = judge_rates(cfg, cfg.eval.judge.kind, judge, log)  # its error on held-out labels: the corrected HS
@@ -92,7 +122,7 @@ def run(cfg: Config, log=print, *, parent_run_id: str | None = None, tags: dict 
             result = evaluate(cfg, dirs[stage], p, judge, log, gens, rates)
             summary[stage] = {k: result[k] for k in METRICS}
             summary[stage]["verdicts"], summary[stage]["sets"] = result["verdicts"], result["sets"]
-            tracker.metrics({f"{stage}.{k}": summary[stage][k] for k in METRICS})
+            tracker.metrics({f"{stage}.{k}": summary[stage][k] for k in METRICS} | {f"{stage}.peak_rss_gb": peak_rss_gb()})
             tracker.metrics({f"{stage}.hs_set.{name}.{k}": v for name, st in result["sets"].items()
                              for k, v in st.items() if k != "prompts"})
             tracker.metrics({f"{stage}.refusal_set.{name}.{k}": v for name, st in result["refusal_sets"].items()
@@ -125,6 +155,7 @@ def run(cfg: Config, log=print, *, parent_run_id: str | None = None, tags: dict 
             tracker.artifact(dirs[stage], f"model/{stage}")
         tracker.metrics({"wall_seconds": time.time() - start})
         summary.update(run_id=tracker.run_id, tracking_uri=tracker.uri, dirs=dirs, judge_rates=rates)
+    summary["tracking_delayed"] = tracker.delayed  # calls the tracking server missed, waiting in the outbox
     log(format_summary(cfg, summary, metric_name(p.task_test[0]) if p.task_test else ""))
     return summary
 
@@ -161,6 +192,10 @@ def format_summary(cfg: Config, summary: dict, fa_name: str = "") -> str:
         lines.append(f"\nJudge error on {rates['n_unsafe']} + {rates['n_safe']} held-out labeled answers: sensitivity "
                      f"{rates['sensitivity']:.3f}, specificity {rates['specificity']:.3f} (corrected HS: Rogan-Gladen; "
                      "intervals 95%, over prompts and the judge's rates)")
+    if summary.get("tracking_delayed"):
+        lines.append(f"\nMLflow was unreachable: {summary['tracking_delayed']} logging calls wait in "
+                     f"{Path(cfg.output_dir) / 'tracking-outbox'}; send them with: hftlab tracking sync "
+                     f"--output-dir {cfg.output_dir}")
     if summary.get("run_id"):
         lines.append(f"\nMLflow run {summary['run_id']} in experiment '{cfg.tracking.experiment or cfg.name}'.")
         lines.append(f"To browse it: {ui_hint(summary['tracking_uri'])}")

@@ -28,9 +28,11 @@ from hftlab.metrics import (
 )
 from hftlab.models.loading import add_lora, load_model, save_stage
 from hftlab.plan import Plan, with_refusals
-from hftlab.storage import atomic_dir, atomic_write_text
-from hftlab.tracking import Tracker
+from hftlab.resources import peak_rss_gb
+from hftlab.storage import atomic_dir, atomic_write_text, computed_once
+from hftlab.tracker import Tracker
 from hftlab.training.batches import encode
+from hftlab.training.checkpoint import Checkpoint, Counted
 from hftlab.training.loop import train
 
 
@@ -50,16 +52,26 @@ def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]
                 groups: list[int | None] | None = None, side: list[tuple[str, str]] | None = None,
                 before_training=None) -> str:
     """Train `parent` on `pairs` with cfg.<kind> and save the result; reuse it if this exact stage exists.
-    `before_training()` is called only when it trains (the pipeline closes its evaluation engine there)."""
-    stage_cfg = getattr(cfg, kind)
-    key = digest({"parent": parent, "cfg": stage_cfg, "pairs": pairs, "seed": cfg.seed, "groups": groups, "side": side,
+    `before_training()` is called only when it trains (the pipeline closes its evaluation engine there). Two processes
+    that need the same stage at once: one trains it, the other waits for it (storage.computed_once) and reuses it."""
+    key = digest({"parent": parent, "cfg": getattr(cfg, kind), "pairs": pairs, "seed": cfg.seed, "groups": groups, "side": side,
                   "template": cfg.data.template, "max_length": cfg.base.max_length})
     out = Path(cfg.output_dir) / f"{kind}-{key}"
-    if (out / "config.json").is_file() or (out / "adapter_config.json").is_file():
-        log(f"[{kind}] reusing {out}")
-        return str(out)
-    if before_training is not None:
-        before_training()
+    with computed_once(out, lambda: (out / "config.json").is_file() or (out / "adapter_config.json").is_file(),
+                       log) as todo:
+        if not todo:
+            log(f"[{kind}] reusing {out}")
+            return str(out)
+        if before_training is not None:
+            before_training()
+        _train(cfg, kind, parent, pairs, tracker, log, groups, side, out)
+    tracker.metrics({f"{kind}.peak_rss_gb": peak_rss_gb()})
+    return str(out)
+
+
+def _train(cfg: Config, kind: str, parent: str, pairs, tracker: Tracker, log, groups, side, out: Path) -> None:
+    """Train and save the stage to `out`; in one process, resumable from `.ckpt-<stage>` beside it."""
+    stage_cfg = getattr(cfg, kind)
     if stage_cfg.workers > 1:
         from hftlab.training.trainer import train_distributed
 
@@ -72,12 +84,12 @@ def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]
                                         dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code,
                                         field=f"{kind}.use_gpu")
         tracker.metrics({f"{kind}.final_loss": metrics.get("last_loss", float("nan"))})
-        return str(out)
+        return
     check_gpus_of(cfg, kind)
     model, tokenizer = load_model(parent, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
     if stage_cfg.lora.enabled:
         model = add_lora(model, stage_cfg.lora)
-
+    ckpt = Checkpoint(out.parent / f".ckpt-{out.name}", stage_cfg.checkpoint_every, log)
     history: list[dict] = []
 
     def on_step(step: int, stats: dict) -> None:
@@ -89,7 +101,8 @@ def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]
     common = dict(template=cfg.data.template, epochs=stage_cfg.epochs, lr=stage_cfg.lr, batch_size=stage_cfg.batch_size,
                   seed=cfg.seed, max_length=cfg.base.max_length, weight_decay=stage_cfg.weight_decay,
                   max_grad_norm=stage_cfg.max_grad_norm, lr_scheduler=stage_cfg.lr_scheduler,
-                  warmup_ratio=stage_cfg.warmup_ratio, on_step=on_step, desc=f"{kind} ({stage_cfg.method})")
+                  warmup_ratio=stage_cfg.warmup_ratio, on_step=on_step, desc=f"{kind} ({stage_cfg.method})",
+                  checkpoint=ckpt)
     if stage_cfg.method == "vaa":
         from hftlab.training.grouped import plot_history, train_vaa
 
@@ -105,8 +118,8 @@ def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]
             src, enc, pad = None, None, tokenizer.pad_token_id
             if side is not None:
                 enc = encode(tokenizer, side, cfg.data.template, cfg.base.max_length)
-                src = side_stream(enc, side_batch_size(stage_cfg), pad, cfg.seed, model.device,
-                                  paired=side_paired(stage_cfg))
+                src = ckpt.track("side", Counted(side_stream(enc, side_batch_size(stage_cfg), pad, cfg.seed,
+                                                             model.device, paired=side_paired(stage_cfg))))
             return build_step(stage_cfg, engine, side=src, seed=cfg.seed, total_steps=budget, pad_id=pad, side_rows=enc)
 
         stats = train(model, tokenizer, pairs, make_step=make_step, max_steps=budget, **common)
@@ -114,8 +127,7 @@ def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]
     tracker.metrics({f"{kind}.train_seconds": stats["seconds"], f"{kind}.final_loss": stats["loss"],
                      f"{kind}.steps": stats["steps"], **{f"{kind}.{k}": v for k, v in stats.items() if k.startswith("final_q")}})
     save_stage(model, tokenizer, out, parent)
-    return str(out)
-
+    ckpt.clear()
 
 
 def check_gpus_of(cfg: Config, *kinds: str) -> None:
@@ -136,7 +148,7 @@ def complete_plan(cfg: Config, p: Plan, base: str, tracker: Tracker, log=print) 
             tracker.artifact(Path(tmp) / "split.json", "data")
         tracker.metrics({f"split.{k}": v for k, v in p.split.summary().items()})
     if p.refusal_prompts:
-        from hftlab.data.refusals import distill_refusals
+        from hftlab.distill import distill_refusals
 
         refusals = distill_refusals(cfg, base, p.refusal_prompts, log)
         tracker.metrics({"refusals.kept": len(refusals), "refusals.asked": len(p.refusal_prompts)})
@@ -201,20 +213,21 @@ def answers(cfg: Config, model_dir: str, p: Plan, log=print, gens: Generators | 
                   "dtype": cfg.base.dtype, "harmful": [h.prompt for h in p.harmful_test],
                   "task": [t.prompt for t in p.task_test], **backend})
     cache = Path(cfg.output_dir) / "generations" / f"{key}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    log(f"[eval] generating {len(p.harmful_test)} + {len(p.task_test)} answers with {Path(model_dir).name}")
-    gens = gens or Generators(cfg, keep=False)
-    gen = gens.get(model_dir, log)
-    try:
-        result = {"harmful": gen.generate([h.prompt for h in p.harmful_test]),
-                  "task": gen.generate([t.prompt for t in p.task_test])}
-        if p.safe_test:
-            result["safe"] = gen.generate(p.safe_test)
-    finally:
-        gens.done()
-    atomic_write_text(cache, json.dumps(result))
-    return result
+    with computed_once(cache, cache.is_file, log) as todo:  # two runs at once: one generates, one waits
+        if todo:
+            log(f"[eval] generating {len(p.harmful_test)} + {len(p.task_test)} answers with {Path(model_dir).name}")
+            gens = gens or Generators(cfg, keep=False)
+            gen = gens.get(model_dir, log)
+            try:
+                result = {"harmful": gen.generate([h.prompt for h in p.harmful_test]),
+                          "task": gen.generate([t.prompt for t in p.task_test])}
+                if p.safe_test:
+                    result["safe"] = gen.generate(p.safe_test)
+            finally:
+                gens.done()
+            atomic_write_text(cache, json.dumps(result))
+            return result
+    return json.loads(cache.read_text())
 
 
 def by_set(values: list[bool], sets: list[str], stats) -> dict[str, dict]:

@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from hftlab import tracking
 from hftlab.config.errors import check
-from hftlab.config.loader import ConfigError, apply_overrides, build, load_config, parse_override
+from hftlab.config.loader import ConfigError, apply_overrides, build, load_config, parse_override, read_yaml
 from hftlab.metrics import METRICS
 
 STAGE_METRICS = tuple(f"{s}.{k}" for s in ("base", "aligned", "finetuned") for k in METRICS)
@@ -175,13 +173,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     spec and the trials' fixed overrides (paths made absolute, MLflow experiment and URI pinned, torch
     threads = CPUs per trial). Raises ConfigError naming the field and value before anything runs."""
     overrides = list(overrides or [])
-    if not Path(path).is_file():
-        raise ConfigError("sweep", str(path), "no such file")
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError("sweep", str(path), f"malformed YAML: {exc}") from None
-    check(isinstance(raw, dict), "sweep", str(path), "must be a mapping of sweep fields")
+    raw = read_yaml(path, "sweep")
     own = [o[len("sweep."):] for o in overrides if o.startswith("sweep.")]
     if "uses_ray" in raw or any(o.startswith("uses_ray=") for o in own):
         raise ConfigError("uses_ray", raw.get("uses_ray"), "is set by hftlab, not by sweep files")

@@ -1,4 +1,4 @@
-"""MLflow: the only module that imports mlflow.
+"""MLflow helpers: URIs, experiments, sweeps' parent and child runs, reading runs back (tracker.py: a run's Tracker).
 
 One run per pipeline invocation, in an experiment named after the config; params are the
 flattened dotted config keys (the same names as the CLI overrides); metrics are `<stage>.hs`,
@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,6 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow  # noqa: E402
 
-from hftlab.config.loader import flatten, to_dict  # noqa: E402
 from hftlab.config.schema import Config  # noqa: E402
 
 
@@ -38,8 +38,16 @@ def default_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def redact(uri: str) -> str:
+    """A URI with its password replaced (`http://user:***@host`): what is logged, printed or stored as a param."""
+    import re
+
+    return re.sub(r"(://[^/:@\s]*):[^/@\s]*@", r"\1:***@", uri) if isinstance(uri, str) else uri
+
+
 def ui_hint(uri: str) -> str:
-    """How a user opens the UI for this store."""
+    """How a user opens the UI for this store (its password redacted)."""
+    uri = redact(uri)
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser"
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   # then open http://127.0.0.1:5000"
@@ -96,66 +104,30 @@ def ensure_experiment(uri: str, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-class Tracker:
-    """A thin, optional MLflow run: every method is a no-op when tracking is disabled or off rank 0.
+def orphaned_run(uri: str, experiment_id: str, config_hash: str, run_name: str | None) -> tuple[str, str] | None:
+    """(run id, its driver) of a top-level run of this config and name left RUNNING by a driver on this host that is
+    no longer alive; None if there is none (a live driver's run is never taken: two runs of one config may race)."""
+    client = mlflow.MlflowClient(uri)
+    found = client.search_runs([experiment_id], f"tags.`hftlab.config_hash` = '{config_hash}' and attributes.status = "
+                               "'RUNNING'", max_results=100, order_by=["attributes.start_time DESC"])
+    for run in found:
+        tags = run.data.tags
+        host, _, pid = tags.get("hftlab.driver", "").rpartition(":")
+        if run.info.run_name != run_name or "mlflow.parentRunId" in tags or host != socket.gethostname():
+            continue
+        if pid.isdigit() and not _alive(int(pid)):
+            return run.info.run_id, tags["hftlab.driver"]
+    return None
 
-    `parent_run_id` nests the run under a sweep's parent run; `run_id` continues an existing run
-    instead of starting one (a sweep trial restarted after a crash); `tags` are set on the run.
-    Every run carries `hftlab.git_commit`.
-    """
 
-    def __init__(self, cfg: Config, run_name: str | None = None, *, parent_run_id: str | None = None,
-                 tags: dict[str, Any] | None = None, run_id: str | None = None) -> None:
-        self.enabled = cfg.tracking.enabled and is_rank_zero()
-        self.uri = resolve_uri(cfg)
-        self.run_id: str | None = None
-        if not self.enabled:
-            return
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(experiment_id=ensure_experiment(self.uri, cfg.tracking.experiment or cfg.name))
-        all_tags = {"hftlab.git_commit": git_commit(), **{k: str(v) for k, v in (tags or {}).items()}}
-        if run_id:
-            run = mlflow.start_run(run_id=run_id, tags=all_tags)
-        else:
-            run = mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, tags=all_tags)
-        self.run_id = run.info.run_id
-        params = {k: ("null" if v is None else v) for k, v in flatten(to_dict(cfg)).items()}
-        mlflow.log_params(params)
-
-    def __enter__(self) -> Tracker:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.enabled:  # stopped from outside (Ctrl+C, a scheduler's SystemExit) is not a failure of the run
-            stopped = exc_type is not None and issubclass(exc_type, KeyboardInterrupt | SystemExit)
-            mlflow.end_run(status="FINISHED" if exc_type is None else "KILLED" if stopped else "FAILED")
-
-    def metrics(self, values: dict[str, float], step: int | None = None) -> None:
-        if self.enabled:
-            mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
-
-    def tags(self, values: dict[str, Any]) -> None:
-        if self.enabled:
-            mlflow.set_tags({k: str(v) for k, v in values.items()})
-
-    def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Log a file or a whole directory."""
-        if not self.enabled:
-            return
-        path = Path(path)
-        if path.is_dir():
-            mlflow.log_artifacts(str(path), artifact_path=artifact_path)
-        else:
-            mlflow.log_artifact(str(path), artifact_path=artifact_path)
-
-    def text(self, text: str, name: str) -> None:
-        if self.enabled:
-            mlflow.log_text(text, name)
-
-    def table(self, columns: dict[str, list], name: str) -> None:
-        """A table artifact (JSON, shown as a table in the MLflow UI's artifact view)."""
-        if self.enabled:
-            mlflow.log_table(data=columns, artifact_file=name)
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # --- sweeps: parent runs, children, the registry; reports: reading runs back ------------------------------

@@ -27,10 +27,10 @@ def parse_override(item: str) -> tuple[str, Any]:
     """`a.b=1e-4` -> ("a.b", 0.0001); the value is parsed as YAML (so `null`, `[1,2]` work)."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(item, raw, "an override must look like dotted.key=value")
+        raise ConfigError("override", item, "must look like dotted.key=value")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, RecursionError) as exc:
         raise ConfigError(key.strip(), raw, f"not a YAML value ({exc.__class__.__name__})") from None
     if isinstance(value, str) and _looks_numeric(value):
         value = float(value)  # YAML 1.1 reads "1e-4" as a string
@@ -71,7 +71,7 @@ def build(cls: type[T], raw: Any, path: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            where = f"{path}.{key}" if path else str(key)
+            where = f"{path}.{key}" if path else (str(key) or repr(key))
             raise ConfigError(where, raw[key], f"unknown key (known: {', '.join(sorted(fields))})")
     kwargs = {}
     for name in fields:
@@ -135,14 +135,45 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 def load_config(path: str | Path, overrides: list[str] | None = None, cls: type[T] | None = None) -> T:
     """Read a YAML file, apply dotted overrides and validate it into `cls` (default: Config)."""
+    raw = read_yaml(path, "config")
+    try:
+        return build(cls or Config, apply_overrides(raw, overrides or []))
+    except ConfigError as exc:  # the field and value first, then which file (or override) it came from
+        raise ConfigError(exc.field or "<root>", exc.value, f"{exc.reason} (config {path})") from None
+
+
+MAX_YAML_VALUES = 100_000  # a config or sweep file holds hundreds; more is an alias bomb ("billion laughs")
+
+
+def read_yaml(path: str | Path, field: str) -> dict:
+    """A YAML mapping through the safe loader (no Python-object tags), or a ConfigError naming `field` and the file:
+    missing, not UTF-8, malformed, nested too deep, not a mapping, or aliases that expand past MAX_YAML_VALUES."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError("config", str(path), "no such file")
+        raise ConfigError(field, str(path), "no such file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(field, str(path), f"is not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError("config", str(path), f"malformed YAML: {exc}") from None
-    return build(cls or Config, apply_overrides(raw, overrides or []))
+        raise ConfigError(field, str(path), f"malformed YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(field, str(path), "malformed YAML: nested too deep") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(field, str(path), f"must be a mapping of fields, not a {type(raw).__name__}")
+    _count_values(raw, field, path, [0])
+    return raw
+
+
+def _count_values(node: Any, field: str, path: Path, seen: list[int], depth: int = 0) -> None:
+    """Walk the loaded tree as it would expand (aliases repeated), stopping at MAX_YAML_VALUES or 100 levels."""
+    seen[0] += 1
+    if seen[0] > MAX_YAML_VALUES or depth > 100:
+        why = f"expands to over {MAX_YAML_VALUES} values" if depth <= 100 else "nests over 100 levels"
+        raise ConfigError(field, str(path), f"{why} (YAML aliases?); a config holds far fewer")
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    for child in children:
+        _count_values(child, field, path, seen, depth + 1)
 
 
 def to_dict(cfg: Any) -> dict:

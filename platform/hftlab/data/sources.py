@@ -50,25 +50,48 @@ def read_rows(source: str, field: str) -> list[dict]:
     return [dict(row) for row in ds]
 
 
+MAX_LINE_BYTES = 2**21  # 2 MiB: no row of any dataset here comes near; a longer line is a broken or hostile file
+
+
 def _read_local(path: Path, field: str) -> list[dict]:
+    """A .jsonl (one object a line) or .json (a list of objects) file's rows; any fault is a ConfigError naming
+    `field`, the file and the line or row: not UTF-8, not JSON, a cut last line, a line over MAX_LINE_BYTES, a row
+    that is not an object."""
     if not path.is_file():
         raise ConfigError(field, str(path), "no such file")
-    text = path.read_text()
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(field, str(path), f"line {line} is not UTF-8 text (byte {exc.start})") from None
     if path.suffix == ".jsonl":
         rows = []
         for n, line in enumerate(text.splitlines(), start=1):
+            if len(line) > MAX_LINE_BYTES:
+                raise ConfigError(field, str(path), f"line {n} is {len(line) / 2**20:.1f} MB, over the "
+                                  f"{MAX_LINE_BYTES / 2**20:.0f} MB a row may take")
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ConfigError(field, str(path), f"line {n} is not JSON ({exc.msg})") from None
+                    row = json.loads(line)
+                except (json.JSONDecodeError, RecursionError) as exc:
+                    why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deep"
+                    raise ConfigError(field, str(path), f"line {n} is not JSON ({why})") from None
+                if not isinstance(row, dict):
+                    raise ConfigError(field, str(path), f"line {n} is not a JSON object but {type(row).__name__}")
+                rows.append(row)
         return rows
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(field, str(path), f"not JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise ConfigError(field, str(path), "not JSON (nested too deep)") from None
     if not isinstance(data, list):
         raise ConfigError(field, str(path), "a .json source must hold a list of rows")
+    for n, row in enumerate(data, start=1):
+        if not isinstance(row, dict):
+            raise ConfigError(field, str(path), f"row {n} is not a JSON object but {type(row).__name__}")
     return data
 
 
@@ -103,6 +126,18 @@ def load_pairs(source: str, field: str, *, safe: bool) -> list[AlignmentPair] | 
     return out
 
 
+def _label(row: dict, k: int, field: str, source: str, n: int) -> int:
+    """A class label in 0..k-1 (an int, or a float or string holding one); else a ConfigError naming the row."""
+    value = row["label"]
+    try:
+        label = int(value) if not isinstance(value, bool) and float(value) == int(float(value)) else -1
+    except (TypeError, ValueError, OverflowError):
+        label = -1
+    if not 0 <= label < k:
+        raise ConfigError(field, source, f"row {n} has label {value!r}, not one of 0..{k - 1}")
+    return label
+
+
 def task_example(task: str, row: dict, rid: str, field: str, source: str, n: int) -> TaskExample:
     """One dataset row -> TaskExample, accepting the dataset's own fields or plain prompt/answer."""
     if "prompt" in row and "answer" in row:
@@ -110,12 +145,12 @@ def task_example(task: str, row: dict, rid: str, field: str, source: str, n: int
     if task == "sst2":
         _require(row, ("sentence", "label"), field, source, n)
         prompt = f"Analyze the sentiment of the input, and respond only positive or negative.\nInput: {row['sentence']}"
-        return TaskExample(rid, task, prompt, SST2_LABELS[int(row["label"])])
+        return TaskExample(rid, task, prompt, SST2_LABELS[_label(row, len(SST2_LABELS), field, source, n)])
     if task == "agnews":
         _require(row, ("text", "label"), field, source, n)
         prompt = ("Categorize the news article into one of the 4 categories: World, Sports, Business, Sci/Tech.\n"
                   f"Input: {row['text']}")
-        return TaskExample(rid, task, prompt, AGNEWS_LABELS[int(row["label"])])
+        return TaskExample(rid, task, prompt, AGNEWS_LABELS[_label(row, len(AGNEWS_LABELS), field, source, n)])
     if task == "gsm8k":
         _require(row, ("question", "answer"), field, source, n)
         return TaskExample(rid, task, str(row["question"]), str(row["answer"]))

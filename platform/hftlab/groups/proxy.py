@@ -15,7 +15,7 @@ from hftlab.config.schema import Config, ProxyConfig
 from hftlab.data.mixing import finetune_mix
 from hftlab.data.records import HarmfulPair, TaskExample
 from hftlab.models.loading import load_model, save_stage
-from hftlab.storage import atomic_dir
+from hftlab.storage import atomic_dir, computed_once
 from hftlab.training.loop import train
 
 
@@ -28,9 +28,15 @@ def run_proxy(cfg: Config, proxy: ProxyConfig, aligned_dir: str, task: list[Task
     key = digest({"parent": aligned_dir, "proxy": proxy, "pairs": pairs, "seed": seed, "template": cfg.data.template})
     out = Path(cfg.output_dir) / f"proxy-{key}"
     done = out / "checkpoints.json"
-    if done.is_file():
-        log(f"[proxy] reusing {out}")
-        return [aligned_dir] + [str(out / name) for name in json.loads(done.read_text())]
+    with computed_once(out, done.is_file, log) as todo:  # racing runs: one trains the proxy, the others wait
+        if todo:
+            _train_proxy(cfg, proxy, aligned_dir, pairs, seed, out, log)
+        else:
+            log(f"[proxy] reusing {out}")
+    return [aligned_dir] + [str(out / name) for name in json.loads(done.read_text())]
+
+
+def _train_proxy(cfg: Config, proxy: ProxyConfig, aligned_dir: str, pairs: list, seed: int, out: Path, log) -> None:
     every = proxy.checkpoint_every or math.ceil(len(pairs) / proxy.batch_size)  # 0 -> once per epoch
     total = math.ceil(len(pairs) / proxy.batch_size) * proxy.epochs
     model, tokenizer = load_model(aligned_dir, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
@@ -51,4 +57,4 @@ def run_proxy(cfg: Config, proxy: ProxyConfig, aligned_dir: str, task: list[Task
               batch_size=proxy.batch_size, seed=seed, max_length=cfg.base.max_length, on_step=on_step,
               desc=f"proxy {proxy.task} p={proxy.poison_ratio}")
         (tmp / "checkpoints.json").write_text(json.dumps(names))
-    return [aligned_dir] + [str(out / name) for name in names]
+

@@ -20,8 +20,8 @@ from hftlab.groups.proxy import run_proxy
 from hftlab.groups.vulnerability import aggregate, agreement, forgot_num, overlap
 from hftlab.plan import plan
 from hftlab.stages import base_model, complete_plan, train_stage
-from hftlab.storage import atomic_dir
-from hftlab.tracking import Tracker
+from hftlab.storage import atomic_dir, computed_once
+from hftlab.tracker import Tracker
 
 
 def groups_key(cfg: Config, aligned: str, ids: list[str]) -> str:
@@ -40,11 +40,12 @@ def run_groups(cfg: Config, log=print) -> dict:
         p = complete_plan(cfg, p, base, tracker, log)
         aligned = train_stage(cfg, "align", base, p.align_pairs, tracker, log)
         out = Path(cfg.output_dir) / f"groups-{groups_key(cfg, aligned, [a.id for a in p.alignment])}"
-        if not (out / "summary.json").is_file():
-            with atomic_dir(out) as tmp:
-                _estimate(cfg, p, aligned, tmp, log)
-        else:
-            log(f"[groups] reusing {out}")
+        with computed_once(out, (out / "summary.json").is_file, log) as todo:  # racing runs: one estimates
+            if todo:
+                with atomic_dir(out) as tmp:
+                    _estimate(cfg, p, aligned, tmp, log)
+            else:
+                log(f"[groups] reusing {out}")
         summary = json.loads((out / "summary.json").read_text())
         tracker.metrics({f"groups.{k}": v for k, v in summary.items() if isinstance(v, int | float)})
         for name in ("groups.jsonl", "forgot_num_hist.png", "category_vulnerability.png", "overlap.md"):

@@ -133,7 +133,7 @@ def flat_metrics(results: dict) -> dict[str, float]:
 def run_eval(cfg: Config, log=print) -> dict:
     """Score eval.judge.kind and every eval.judge.compare kind; print the table, write it under output_dir/judges
     and log the numbers and the table to MLflow (one run named judge-eval)."""
-    from hftlab.tracking import Tracker
+    from hftlab.tracker import Tracker
 
     kinds = list(dict.fromkeys([cfg.eval.judge.kind, *cfg.eval.judge.compare]))
     results = evaluate(cfg, kinds, log)

@@ -31,7 +31,7 @@ from hftlab.judges.classifier import JudgeNet, fit_probe
 from hftlab.judges.labels import HARM_CATEGORIES, category_flags, train_rows
 from hftlab.models.loading import device
 from hftlab.progress import progress_bar
-from hftlab.storage import atomic_dir
+from hftlab.storage import atomic_dir, computed_once
 
 VERSION = 2  # bump when training or encoding changes what a cached judge is
 PREFIX, MIDDLE = "BEGINNING OF CONVERSATION: USER: ", " ASSISTANT:"
@@ -119,12 +119,12 @@ def ensure_trained_judge(cfg: Config, log=print) -> Path:
     rows = train_rows(cfg)
     base = base_dir(cfg, log)
     out = judge_path(cfg, rows, base)
-    if (out / META).is_file():
-        return out
-    log(f"[judge] training on {len(rows)} labeled rows ({sum(not r.is_safe for r in rows)} unsafe) -> {out}")
-    with atomic_dir(out) as tmp:
-        stats = train_judge(cfg.eval.judge.train, rows, base, tmp)
-        log(f"[judge] trained in {stats['train_seconds']:.0f}s, final epoch loss {stats['final_loss']:.4f}")
+    with computed_once(out, (out / META).is_file, log) as todo:  # two runs at once: one trains, one waits
+        if todo:
+            log(f"[judge] training on {len(rows)} labeled rows ({sum(not r.is_safe for r in rows)} unsafe) -> {out}")
+            with atomic_dir(out) as tmp:
+                stats = train_judge(cfg.eval.judge.train, rows, base, tmp)
+                log(f"[judge] trained in {stats['train_seconds']:.0f}s, final epoch loss {stats['final_loss']:.4f}")
     return out
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hftlab.config.errors import ConfigError
-from hftlab.storage import atomic_dir
+from hftlab.storage import atomic_dir, computed_once
 
 VERSION = 1  # bump when the conversion changes what it writes
 
@@ -137,15 +137,16 @@ def resolve(value: str, cache_root: Path, log=print) -> str:
         return value
     gguf = gguf_path(value, cache_root)
     out = cache_root / "models" / f"{value}-{file_digest(gguf)}-v{VERSION}"
-    if (out / "config.json").is_file():
-        return str(out)
-    log(f"converting {value} ({gguf.name}, {NAMED[value].licence}) into safetensors, once: {out}")
-    start = time.time()
-    with atomic_dir(out) as tmp:
-        convert_gguf(gguf, tmp)
-        (tmp / "hftlab_source.json").write_text(json.dumps({"name": value, "gguf": str(gguf), "dist": NAMED[value].dist,
-                                                            "licence": NAMED[value].licence}, indent=1))
-    log(f"{value} ready in {time.time() - start:.0f}s")
+    with computed_once(out, (out / "config.json").is_file, log) as todo:  # one process converts, the others wait
+        if todo:
+            log(f"converting {value} ({gguf.name}, {NAMED[value].licence}) into safetensors, once: {out}")
+            start = time.time()
+            with atomic_dir(out) as tmp:
+                convert_gguf(gguf, tmp)
+                (tmp / "hftlab_source.json").write_text(json.dumps(
+                    {"name": value, "gguf": str(gguf), "dist": NAMED[value].dist, "licence": NAMED[value].licence},
+                    indent=1))
+            log(f"{value} ready in {time.time() - start:.0f}s")
     return str(out)
 
 

@@ -22,7 +22,7 @@ from hftlab.config.schema import Config
 from hftlab.data.template import TEMPLATES
 from hftlab.data.toyworld import build_world
 from hftlab.models.loading import device
-from hftlab.storage import atomic_dir
+from hftlab.storage import atomic_dir, computed_once
 from hftlab.training.loop import train
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
@@ -59,8 +59,13 @@ def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
 def ensure_tiny_base(cfg: Config, log=print) -> Path:
     """Return the cached base model's directory, building it first if this machine has none."""
     path = tiny_base_path(cfg)
-    if (path / "config.json").is_file():
-        return path
+    with computed_once(path, (path / "config.json").is_file, log) as todo:  # one process builds, the others wait
+        if todo:
+            _build(cfg, path, log)
+    return path
+
+
+def _build(cfg: Config, path: Path, log) -> None:
     tiny = cfg.base.tiny
     start = time.time()
     world = build_world(cfg.data.toy)
@@ -96,7 +101,6 @@ def ensure_tiny_base(cfg: Config, log=print) -> Path:
                 "examples": len(pairs)}
         (tmp / "hftlab_tiny.json").write_text(json.dumps(info, indent=1))
     log(f"tiny base ready in {time.time() - start:.0f}s (loss {stats['loss']:.3f}): {path}")
-    return path
 
 
 def tiny_seed(cfg: Config) -> int:

@@ -111,9 +111,17 @@ class LocalEngine:
         loss.backward()
 
     def step(self) -> None:
-        """Clip (global norm over the trainable params), set the scheduled lr, take the optimizer step."""
+        """Clip (global norm over the trainable params), set the scheduled lr, take the optimizer step; a NaN or inf
+        gradient stops here (NonFiniteError) with the weights untouched."""
         if self.recipe.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.recipe.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.recipe.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if not torch.isfinite(norm):  # before the update: the weights stay the last good ones
+            from hftlab.faults import NonFiniteError
+
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(f"the gradient norm is {norm.item()} at optimizer step {self.steps_taken + 1}")
         self._set_lr()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

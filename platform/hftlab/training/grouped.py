@@ -17,8 +17,10 @@ from hftlab.algorithms.curriculum import make_schedule
 from hftlab.algorithms.sampler import GroupSampler
 from hftlab.algorithms.vaa import VAAStep
 from hftlab.config.schema import VAAConfig
+from hftlab.faults import NonFiniteError, check_finite
 from hftlab.progress import progress_bar
 from hftlab.training.batches import Pair, batches, encode
+from hftlab.training.checkpoint import Checkpoint, Counted
 from hftlab.training.engine import LocalEngine, Recipe
 
 
@@ -51,29 +53,43 @@ def train_vaa(model: torch.nn.Module, tokenizer, pairs: Sequence[Pair], group_of
               template: str, epochs: int, lr: float, batch_size: int, seed: int, max_length: int,
               weight_decay: float = 0.0, max_grad_norm: float | None = None, lr_scheduler: str = "constant",
               warmup_ratio: float = 0.0, on_step: Callable[[int, dict], None] | None = None,
-              desc: str = "vaa") -> dict[str, float]:
-    """Train `model` in place with VAA over the groups `group_of` (None = left out); returns loss, steps, seconds."""
+              desc: str = "vaa", checkpoint: Checkpoint | None = None) -> dict[str, float]:
+    """Train `model` in place with VAA over the groups `group_of` (None = left out); returns loss, steps, seconds.
+    `checkpoint` as in training/loop.py: resumed from, saved to; a NaN or inf stops with NonFiniteError."""
     torch.manual_seed(seed)
     members, step, total = vaa_setup(encode(tokenizer, pairs, template, max_length), group_of, vaa, epochs=epochs,
                                      batch_size=batch_size, seed=seed)
     if total == 0:
         return {"loss": float("nan"), "steps": 0, "seconds": 0.0, "groups": len(members)}
-    streams = [group_stream(m, batch_size, tokenizer.pad_token_id, seed + k) for k, m in enumerate(members)]
+    streams = [Counted(iterator.__next__)
+               for iterator in (group_stream(m, batch_size, tokenizer.pad_token_id, seed + k) for k, m in enumerate(members))]
 
     def next_batch(group: int) -> dict:
-        return {k: v.to(model.device) for k, v in next(streams[group]).items()}
+        return {k: v.to(model.device) for k, v in streams[group]().items()}
 
     engine = LocalEngine(model, Recipe(lr, weight_decay, max_grad_norm, lr_scheduler, warmup_ratio, total))
+    done, extra = 0, {}
+    if checkpoint is not None:
+        for k, stream in enumerate(streams):
+            checkpoint.track(f"group{k}", stream)
+        done, extra = checkpoint.restore(model, engine, step)
     model.train()
-    start, losses = time.time(), []
-    with progress_bar(total, desc) as bar:
-        for n in range(1, total + 1):
-            stats = step(model, next_batch, engine)
+    start, losses = time.time() - extra.get("seconds", 0.0), extra.get("losses", [])
+    with progress_bar(total, desc, initial=done) as bar:
+        for n in range(done + 1, total + 1):
+            try:
+                stats = step(model, next_batch, engine)
+                check_finite(stats["loss"], "the loss", n)
+            except NonFiniteError as err:
+                kept = f"; its last checkpoint is kept in {checkpoint.directory}" if checkpoint is not None else ""
+                raise NonFiniteError(f"{desc}: {err}{kept}; no stage output was written") from None
             losses.append(stats["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", group=stats["group"], refresh=False)
             if on_step is not None:
                 on_step(n, stats)
+            if checkpoint is not None:
+                checkpoint.maybe_save(n, total, model, engine, step, {"losses": losses, "seconds": time.time() - start})
     model.eval()
     tail = losses[-max(1, total // max(epochs, 1)):]
     return {"loss": sum(tail) / len(tail), "steps": total, "seconds": time.time() - start, "groups": len(members),

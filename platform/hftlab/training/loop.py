@@ -9,8 +9,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from hftlab.algorithms.sft import sft_step
+from hftlab.faults import NonFiniteError, check_finite
 from hftlab.progress import progress_bar
 from hftlab.training.batches import Pair, batches, encode
+from hftlab.training.checkpoint import Checkpoint
 from hftlab.training.engine import LocalEngine, Recipe
 
 
@@ -33,32 +35,49 @@ def train(
     max_steps: int | None = None,
     on_step: Callable[[int, dict], None] | None = None,
     desc: str = "train",
+    checkpoint: Checkpoint | None = None,
 ) -> dict[str, float]:
     """Train `model` in place; returns the final epoch's mean loss, step count and seconds.
 
     `make_step(engine)` builds the algorithm step (training/methods.py); default plain SFT. `max_steps` (default
     epochs x batches) ends training mid-epoch, or goes on into further epochs (compute-matched SFT). The optimizer
     follows the recipe (weight decay, clipping to max_grad_norm, lr schedule with warmup: training/engine.py).
+    `checkpoint`: resume from its latest state and save one every `checkpoint.every` steps (training/checkpoint.py).
+    A NaN or inf loss or gradient stops training with NonFiniteError naming `desc` and the step.
     """
     torch.manual_seed(seed)
     encoded = encode(tokenizer, pairs, template, max_length)
     total = epochs * math.ceil(len(encoded) / batch_size) if max_steps is None else max_steps
     engine = LocalEngine(model, Recipe(lr, weight_decay, max_grad_norm, lr_scheduler, warmup_ratio, max(total, 1)))
     step_fn = make_step(engine) if make_step is not None else sft_step
+    step, extra = checkpoint.restore(model, engine, step_fn) if checkpoint is not None else (0, {})
+    per_epoch = max(math.ceil(len(encoded) / batch_size), 1)
+    epoch, epoch_losses = step // per_epoch, extra.get("epoch_losses", [float("nan")])
     model.train()
-    step, epoch, start, epoch_losses = 0, 0, time.time(), [float("nan")]
-    with progress_bar(total, desc) as bar:
+    start = time.time() - extra.get("seconds", 0.0)
+    with progress_bar(total, desc, initial=step) as bar:
         while step < total:
-            epoch_losses = []
+            skip, epoch_losses = (step % per_epoch, epoch_losses) if step % per_epoch else (0, [])
             for batch in batches(encoded, batch_size, tokenizer.pad_token_id, seed, epoch):
+                if skip:  # resumed mid-epoch: the batches this epoch had already trained on
+                    skip -= 1
+                    continue
                 batch = {k: v.to(model.device) for k, v in batch.items()}
-                stats = step_fn(model, batch, engine)
+                try:
+                    stats = step_fn(model, batch, engine)
+                    check_finite(stats["loss"], "the loss", step + 1)
+                except NonFiniteError as err:
+                    kept = f"; its last checkpoint is kept in {checkpoint.directory}" if checkpoint is not None else ""
+                    raise NonFiniteError(f"{desc}: {err}{kept}; no stage output was written") from None
                 epoch_losses.append(stats["loss"])
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", epoch=epoch + 1, refresh=False)
                 if on_step is not None:
                     on_step(step, stats)
+                if checkpoint is not None:
+                    checkpoint.maybe_save(step, total, model, engine, step_fn,
+                                          {"epoch_losses": epoch_losses, "seconds": time.time() - start})
                 if step >= total:
                     break
             epoch += 1

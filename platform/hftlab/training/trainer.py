@@ -28,6 +28,7 @@ import torch
 from hftlab.config.errors import ConfigError
 from hftlab.config.schema import AlignConfig, FinetuneConfig
 from hftlab.training.batches import Pair, batches, encode
+from hftlab.training.checkpoint import Counted
 
 
 def token_sum_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -36,17 +37,6 @@ def token_sum_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     labels = batch["labels"][:, 1:]
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
     return nll / batch["norm"]
-
-
-class _Counted:
-    """A batch source that counts its reads, so a resumed run can skip exactly as many."""
-
-    def __init__(self, fn) -> None:
-        self.fn, self.reads = fn, 0
-
-    def __call__(self, *args):
-        self.reads += 1
-        return self.fn(*args)
 
 
 def _setup(config: dict, rank: int, world: int):
@@ -82,7 +72,7 @@ def _setup(config: dict, rank: int, world: int):
     side, side_enc = None, None
     if config.get("side"):
         side_enc = encode(tokenizer, config["side"], config["template"], config["max_length"])
-        side = _Counted(side_stream(side_enc, side_batch_size(stage), pad, config["seed"], device, rank, world,
+        side = Counted(side_stream(side_enc, side_batch_size(stage), pad, config["seed"], device, rank, world,
                                     paired=side_paired(stage)))
     if stage.method == "vaa":
         from hftlab.training.grouped import group_stream, vaa_setup
@@ -91,7 +81,7 @@ def _setup(config: dict, rank: int, world: int):
                                          batch_size=stage.batch_size, seed=config["seed"],
                                          loss_fn=token_sum_loss, reduce_fn=_mean_over_ranks)
         streams = [group_stream(m, stage.batch_size, pad, config["seed"] + k, rank, world) for k, m in enumerate(members)]
-        readers = [_Counted(lambda s=s: {k: v.to(device) for k, v in next(s).items()}) for s in streams]
+        readers = [Counted(lambda s=s: {k: v.to(device) for k, v in next(s).items()}) for s in streams]
     else:
         # SafeGrad's KL reference is the aligned parent: under LoRA the adapter switched off (also after a resume);
         # otherwise loaded apart, since after a resume the model is the checkpoint
@@ -107,13 +97,9 @@ def _setup(config: dict, rank: int, world: int):
         if hasattr(step, "load_state_dict"):
             step.load_state_dict(state["step_state"])
         for reader, n in zip(readers, state["reads"], strict=True):
-            for _ in range(n):
-                reader.fn()
-            reader.reads = n
+            reader.skip(n)
         if side is not None:
-            for _ in range(state["side_reads"]):
-                side.fn()
-            side.reads = state["side_reads"]
+            side.skip(state["side_reads"])
     return model, tokenizer, engine, step, encoded, readers, side, total, state["step"]
 
 

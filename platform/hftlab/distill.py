@@ -1,4 +1,4 @@
-"""Distilled refusals: alignment data for a real model that teaches it to refuse, made by the model itself.
+"""Distilled refusals, a stage: alignment data for a real model that teaches it to refuse, made by the model itself.
 
 Why: the papers align on BeaverTails' safe responses, but the local safe rows are mostly ordinary answers to
 benign questions; training on them teaches style, not refusing (measured: docs/real-models.md). Safe answers to
@@ -8,7 +8,8 @@ back to their last full sentence, and join the alignment set *without* the syste
 learns to refuse unprompted (context distillation). The prompts come out of the poison pool (plan.py), so the
 attack never trains on them, and never from the HS test prompts.
 
-Cached by model, prompts and settings under `<output_dir>/refusals/`, written atomically.
+Cached by model, prompts and settings under `<output_dir>/refusals/`, written atomically; two runs that need the same
+refusals at once: one generates them, the other waits (storage.computed_once). A stage, not data/: it runs a model.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from hftlab.config.schema import Config
 from hftlab.data.records import AlignmentPair, HarmfulPair
 from hftlab.judges.refusal import RefusalJudge
 from hftlab.metrics import is_degenerate
-from hftlab.storage import atomic_write_text
+from hftlab.storage import atomic_write_text, computed_once
 
 VERSION = 1
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
@@ -50,18 +51,19 @@ def distill_refusals(cfg: Config, base_dir: str, prompts: list[HarmfulPair], log
     key = digest({"model": base_dir, "refusals": rc, "prompts": [h.prompt for h in prompts], "dtype": cfg.base.dtype,
                   "v": VERSION})
     cache = Path(cfg.output_dir) / "refusals" / f"{key}.jsonl"
-    if not cache.is_file():
-        from hftlab.generation.hf import HFGenerator
-        from hftlab.models.loading import load_model
+    with computed_once(cache, cache.is_file, log) as todo:
+        if todo:
+            from hftlab.generation.hf import HFGenerator
+            from hftlab.models.loading import load_model
 
-        log(f"[refusals] the base model answers {len(prompts)} harmful prompts under the safety system prompt")
-        model, tokenizer = load_model(base_dir, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
-        gen = HFGenerator(model, tokenizer, template="chat", max_new_tokens=rc.max_new_tokens,
-                          batch_size=cfg.eval.batch_size, system=rc.system_prompt)
-        answers = [last_sentence_cut(a) for a in gen.generate([h.prompt for h in prompts])]
-        rows = [{"id": f"refusal-{h.id}", "prompt": h.prompt, "response": a, "category": h.category, "kept": keep(a)}
-                for h, a in zip(prompts, answers, strict=True)]
-        atomic_write_text(cache, "".join(json.dumps(r) + "\n" for r in rows))
+            log(f"[refusals] the base model answers {len(prompts)} harmful prompts under the safety system prompt")
+            model, tokenizer = load_model(base_dir, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
+            gen = HFGenerator(model, tokenizer, template="chat", max_new_tokens=rc.max_new_tokens,
+                              batch_size=cfg.eval.batch_size, system=rc.system_prompt)
+            answers = [last_sentence_cut(a) for a in gen.generate([h.prompt for h in prompts])]
+            rows = [{"id": f"refusal-{h.id}", "prompt": h.prompt, "response": a, "category": h.category, "kept": keep(a)}
+                    for h, a in zip(prompts, answers, strict=True)]
+            atomic_write_text(cache, "".join(json.dumps(r) + "\n" for r in rows))
     rows = [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
     kept = [AlignmentPair(r["id"], r["prompt"], r["response"], r["category"]) for r in rows if r["kept"]]
     log(f"[refusals] {len(kept)} of {len(rows)} answers refuse: they join the alignment set ({cache})")

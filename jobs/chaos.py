@@ -1,0 +1,123 @@
+"""Chaos: kill `hftlab run` with SIGKILL at random moments, rerun the same command, and check nothing was lost.
+
+    python jobs/chaos.py --kills 20 --seed 0                # configs/smoke.yaml, ~1 min a kill on 2 cores
+    python jobs/chaos.py --config configs/smoke.yaml --kills 5 -- align.method=vaa
+
+One uninterrupted run first (its metrics are the reference and its wall time T the kill window). Then, per kill, a
+fresh output directory and MLflow store (the tiny base's cache shared): the run is started, killed by PID at a moment
+drawn uniformly from (0, T) (seeded), and run again to the end. Printed, one JSON line: kills; resumes (reruns that
+took up something the killed driver left: a checkpoint, a finished stage, a cached answer, its MLflow run); reruns
+whose final metrics equal the reference's (every metric but wall time and memory); stages recomputed (a stage that
+was finished before the rerun and written again by it: must be 0); runs left RUNNING or duplicated in MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = ("seconds", "rss")
+
+
+def start(config: str, out: Path, cache: Path, overrides: list[str], log: Path) -> subprocess.Popen:
+    args = [sys.executable, "-m", "hftlab.cli", "run", config, f"output_dir={out / 'outputs'}", f"cache_dir={cache}",
+            f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}", *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "platform")}
+    return subprocess.Popen(args, stdout=log.open("a"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def runs(out: Path) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return list(client.search_runs(ids)) if ids else []
+
+
+def finished_stages(out: Path) -> dict[str, int]:
+    """Every finished stage output (training stages, answers, evaluations) and its mtime."""
+    root, found = out / "outputs", {}
+    for d in root.glob("*-*"):
+        if d.is_dir() and not d.name.startswith(".") and any((d / f).is_file() for f in
+                                                              ("config.json", "adapter_config.json", "summary.json")):
+            found[d.name] = d.stat().st_mtime_ns
+    for f in [*root.glob("generations/*.json"), *root.glob("evals/*.json"), *root.glob("refusals/*.jsonl")]:
+        found[f"{f.parent.name}/{f.name}"] = f.stat().st_mtime_ns
+    return found
+
+
+def metrics_of(run) -> dict[str, float]:
+    return {k: v for k, v in run.data.metrics.items() if not any(t in k for t in TIMING)}
+
+
+def same(a: dict[str, float], b: dict[str, float]) -> bool:
+    return a.keys() == b.keys() and all(x == y or (x != x and y != y) for x, y in ((a[k], b[k]) for k in a))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/smoke.yaml")
+    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", default=None, help="where the runs write (default: a temporary directory)")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    from tqdm.auto import tqdm
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="hftlab-chaos-"))
+    cache = work / "cache"
+    ref = work / "reference"
+    ref.mkdir(parents=True, exist_ok=True)
+    began = time.time()
+    if not cache.exists() and start(args.config, ref / "warmup", cache, args.overrides, ref / "warmup.log").wait():
+        sys.exit(f"the first run failed: {ref / 'warmup.log'}")  # it builds the tiny base every trial shares
+    timed = time.time()
+    if start(args.config, ref, cache, args.overrides, ref / "log").wait() != 0:
+        sys.exit(f"the uninterrupted run failed: {ref / 'log'}")
+    window = time.time() - timed
+    (reference,) = runs(ref)
+    expected = metrics_of(reference)
+    rng = random.Random(args.seed)
+    counts = {"kills": 0, "killed_before_the_end": 0, "resumes": 0, "equal_metrics": 0, "stages_recomputed": 0,
+              "runs_left_running": 0, "duplicate_runs": 0, "failed_reruns": 0}
+    for k in tqdm(range(args.kills), desc="chaos", unit="kill"):
+        trial = work / f"kill-{k:03d}"
+        trial.mkdir()
+        at = rng.uniform(0.0, window)
+        proc = start(args.config, trial, cache, args.overrides, trial / "log")
+        try:
+            proc.wait(timeout=at)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            counts["killed_before_the_end"] += 1
+        counts["kills"] += 1
+        before = finished_stages(trial)
+        mark = (trial / "log").stat().st_size
+        if start(args.config, trial, cache, args.overrides, trial / "log").wait() != 0:
+            counts["failed_reruns"] += 1
+            continue
+        rerun_log = (trial / "log").read_text()[mark:]
+        after = finished_stages(trial)
+        counts["stages_recomputed"] += sum(after.get(name) != mtime for name, mtime in before.items())
+        counts["resumes"] += any(s in rerun_log for s in ("[resume]", "reusing", "continuing MLflow run")) or \
+            bool(before)
+        found = runs(trial)
+        counts["runs_left_running"] += sum(r.info.status == "RUNNING" for r in found)
+        counts["duplicate_runs"] += max(0, len(found) - 1)
+        counts["equal_metrics"] += any(r.info.status == "FINISHED" and same(metrics_of(r), expected) for r in found)
+    print(json.dumps({"config": args.config, "overrides": args.overrides, "seed": args.seed, "window_seconds":
+                      round(window, 1), **counts, "seconds": round(time.time() - began, 1), "workdir": str(work)}))
+
+
+if __name__ == "__main__":
+    main()
