@@ -14,10 +14,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hftlab.config import ConfigError
 from hftlab.data.splits import LabeledRow, load_labeled, load_split
 from hftlab.data.toyworld import build_world
+from hftlab.judge_eval import run_eval
 from hftlab.judges import make_judge, scores
 from hftlab.judges.classifier import JudgeNet
 from hftlab.judges.compare import JudgePanel, kappa
-from hftlab.judges.eval import flat_metrics, markdown, run_eval, score
+from hftlab.judges.eval import flat_metrics, markdown, score
 from hftlab.judges.labels import HARM_CATEGORIES, category_flags, contrast_of, train_rows
 from hftlab.judges.llama_guard import parse_verdict
 from hftlab.judges.refusal import RefusalJudge

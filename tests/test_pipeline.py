@@ -87,7 +87,7 @@ def test_every_alignment_method_runs_in_the_pipeline_and_logs_its_stats(smoke):
         assert {"base", "aligned", "finetuned"} <= set(summary)
         client = mlflow.MlflowClient(tracking_uri=summary["tracking_uri"])
         assert client.get_metric_history(summary["run_id"], metric), (method, metric)
-        assert mlflow.get_run(summary["run_id"]).data.params["align.method"] == method
+        assert client.get_run(summary["run_id"]).data.params["align.method"] == method
 
 
 @pytest.mark.slow
@@ -99,7 +99,7 @@ def test_compute_matched_sft_takes_more_steps_and_hs_plus_is_logged(smoke):
     common = ("align.epochs=1", "finetune.epochs=1", "eval.n_harmful=20", "eval.n_task=20")
     cfg = smoke("align.compute_match=vaa", "label=sft-matched", *common)
     summary = run(cfg, log=lambda *_: None)
-    got = mlflow.get_run(summary["run_id"])
+    got = mlflow.MlflowClient(tracking_uri=summary["tracking_uri"]).get_run(summary["run_id"])
     n_pairs = len(plan(cfg).align_pairs)  # 560 refusals + 150 benign = 710 -> 23 batches of 32
     plain = step_budget(smoke(*common).align, n_pairs)
     assert plain == 23 and got.data.metrics["align.steps"] == step_budget(cfg.align, n_pairs) > plain

@@ -124,3 +124,32 @@ def test_top_level_runs_count_when_no_sweep_exists(tmp_path, uri):
     # with no parent, the report is logged to a run of its own
     reports = tracking.search_runs(uri, "plain", "tags.`hftlab.role` = 'report'")
     assert len(reports) == 1 and reports[0]["status"] == "FINISHED"
+
+
+def test_report_gives_the_paired_difference_against_sft_with_the_power_line(tmp_path, uri):
+    import json
+
+    parent = sweep_with(uri, "paired", "p", [(sft("0.1", 0), 50.0, 90.0), (sft("0.1", 1), 25.0, 90.0),
+                                             (vaa("0.1", 0), 25.0, 90.0), (vaa("0.1", 1), 0.0, 90.0)])
+    client = mlflow.MlflowClient(uri)
+    verdicts = {("sft", "0"): [1, 1, 0, 0], ("sft", "1"): [1, 0, 0, 0],
+                ("vaa", "0"): [1, 0, 0, 0], ("vaa", "1"): [0, 0, 0, 0]}
+    for run in tracking.children(uri, "paired", parent):
+        client.log_text(run["run_id"], json.dumps(verdicts[(run["params"]["align.method"], run["params"]["seed"])]),
+                        "verdicts/finetuned.json")
+        client.log_metric(run["run_id"], "judge.sensitivity", 0.9)
+        client.log_metric(run["run_id"], "judge.specificity", 0.8)
+    out = tmp_path / "report"
+    assert main(["report", "paired", "--tracking-uri", uri, "--out", str(out)]) == 0
+    text = (out / "paired-task.md").read_text()
+    (line,) = [row for row in text.splitlines() if row.startswith("| sst2 | vaa+sft")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    # VAA's HS per seed 25 and 0 (12.5), SFT's 50 and 25 (37.5); paired over 2 seeds x 4 prompts: (1 + 1) fewer of 8 =
+    # -25 points
+    assert cells[2:5] == ["12.5", "37.5", "-25.0"]
+    lo, hi = (float(x) for x in cells[5].strip("[]").split(","))
+    assert lo <= -25.0 <= hi and hi <= 0.0  # every resample has VAA at or below SFT: no prompt is worse under VAA
+    assert cells[6] == "2 x 4"
+    # detectable: (1.960 + 0.842) sqrt(2 p (1 - p) / (4 x 2)) / (0.9 + 0.8 - 1), p = mean(25, 0, 50, 25) / 100 = 0.25
+    assert float(cells[7]) == pytest.approx(86.7, abs=0.1)
+    assert "## paired differences over task" in (out / "report.md").read_text()

@@ -152,6 +152,25 @@ def test_four_trial_sweep_logs_parent_and_children_to_a_server_and_reports_them(
         a.path for a in client.list_artifacts(result["parent_run_id"], "report")}
 
 
+def test_two_concurrent_trials_share_one_aligned_model_trained_once(tmp_path, tiny_cache, ray_local):
+    """The grid's way of sharing stages: two trials start at once and need the same aligned model (same seed, two
+    poison ratios); one trains it, the other waits on its lock and reuses it (storage.computed_once)."""
+    from hftlab.sweeps import run_sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = write_sweep(tmp_path, tiny_cache, uri, "shared", {"finetune.poison_ratio": {"grid": [0.05, 0.3]}},
+                       max_concurrent_trials=2, resources={"cpu": 1}, constraints=["finetuned.fa>=0"])
+    result = run_sweep(path)
+    assert (result["trials"], result["errors"]) == (2, 0)
+    children = tracking.children(uri, "shared", result["parent_run_id"])
+    trained = [c for c in children if "align.train_seconds" in c["metrics"]]
+    assert len(children) == 2 and len(trained) == 1  # the other trial reused the aligned model
+    aligned = [d for d in (tmp_path / "outputs").glob("align-*") if d.is_dir()]
+    assert len(aligned) == 1 and not list((tmp_path / "outputs").glob(".align-*.tmp-*"))  # created once, no leftovers
+    overlap = [(c["start_time"], c["end_time"]) for c in children]
+    assert max(s for s, _ in overlap) < min(e for _, e in overlap)  # the two trials ran at the same time
+
+
 @pytest.mark.slow
 def test_asha_stops_a_trial_whose_alignment_failed_before_it_fine_tunes(tmp_path, tiny_cache, ray_local):
     from hftlab.sweeps import run_sweep

@@ -95,7 +95,7 @@ def judge(action: str, cfg) -> int:
         check_judges(cfg)
         print(f"trained judge: {ensure_trained_judge(cfg)}")
         return 0
-    from hftlab.judges.eval import run_eval
+    from hftlab.judge_eval import run_eval
 
     run_eval(cfg)
     return 0

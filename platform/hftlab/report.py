@@ -15,6 +15,8 @@ to the runs behind it:
   HS curve, HS/FA curves (PNG) and pairwise tests across seeds. Std is the population std (numpy's
   default, as jobs/compare.py); a single seed shows ± 0.0.
 - Best: the lowest mean HS and the highest mean FA of each column, bold (ties all bold).
+- Paired differences (report_paired.py): each method against the baseline row on the same prompts and seeds, with
+  a 95% bootstrap interval, and the power line.
 Outputs (Markdown, CSV, PNG) go to `--out` and, as artifacts under `report/`, to the parent run.
 """
 
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hftlab import tracking
+from hftlab.report_paired import paired_section
 
 AXES = {"task": "finetune.task", "p": "finetune.poison_ratio", "epochs": "finetune.epochs", "lr": "finetune.lr"}
 AVERAGED = ("seed", "base.tiny.seed")
@@ -208,6 +211,11 @@ def write_report(uri: str, experiment: str, out: str | Path, parent: str | None 
         write_csv(table, out / f"table-{axis}.csv")
         files += [out / f"table-{axis}.md", out / f"table-{axis}.csv"]
         sections += [f"## methods x {axis}", "", md]
+        paired = paired_section(uri, runs, AXES[axis], row_names(runs, AXES[axis]))
+        if paired:
+            (out / f"paired-{axis}.md").write_text(paired)
+            files.append(out / f"paired-{axis}.md")
+            sections += [f"## paired differences over {axis}", "", paired]
         if axis != "task":
             plot(table, out / f"hs-vs-{axis}.png")
             files.append(out / f"hs-vs-{axis}.png")

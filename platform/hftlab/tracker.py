@@ -173,6 +173,7 @@ class Tracker:
                 "(tracking.on_error=local)")
             self.uri = local
         self.client = mlflow.MlflowClient(self.uri)
+        mlflow.set_tracking_uri(self.uri)  # so `mlflow.get_run(summary["run_id"])` works after `run()`, as before
         exp_id = ensure_experiment(self.uri, cfg.tracking.experiment or cfg.name)
         config_hash, driver = digest(cfg), f"{socket.gethostname()}:{os.getpid()}"
         all_tags = {"hftlab.git_commit": git_commit(), "hftlab.config_hash": config_hash, "hftlab.driver": driver,

@@ -168,6 +168,18 @@ def log_artifacts(uri: str, run_id: str, local_dir: str | Path, artifact_path: s
     mlflow.MlflowClient(uri).log_artifacts(run_id, str(local_dir), artifact_path)
 
 
+def read_artifact_text(uri: str, run_id: str, path: str) -> str | None:
+    """A run's text artifact (e.g. verdicts/finetuned.json), or None when it has none there."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=uri, dst_path=tmp)
+        except (mlflow.exceptions.MlflowException, OSError):
+            return None
+        return Path(local).read_text() if Path(local).is_file() else None
+
+
 def _as_dict(run) -> dict:
     return {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
             "start_time": run.info.start_time, "end_time": run.info.end_time, "artifact_uri": run.info.artifact_uri,
