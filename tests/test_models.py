@@ -103,3 +103,31 @@ def test_moderation_judge_reads_raw_prompt_and_flags_by_max_sigmoid(base_dir, tm
     assert judge.judge(prompts, answers) == (probs.max(dim=1).values > 0.5).tolist()
     strict = ModerationJudge(str(tmp_path / "clf"), threshold=0.99, device="cpu")
     assert strict.judge(prompts, answers) == (probs.max(dim=1).values > 0.99).tolist()
+
+
+@pytest.mark.parametrize("method", ["sft", "vaa"])
+def test_gradient_checkpointing_trains_to_the_same_weights(base_dir, smoke, method):
+    """base.gradient_checkpointing only trades memory for compute: LoRA (with dropout) trained 4 steps by SFT or by VAA
+    (the SAM-like perturbation's two passes) ends at the same weights with and without recomputation."""
+    from hftlab.models.loading import for_training
+    from hftlab.plan import plan
+    from hftlab.training.grouped import train_vaa
+
+    cfg = smoke()
+    pairs = plan(cfg).align_pairs[:32]
+    ends = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model, tok = load_model(base_dir)
+        model = for_training(add_lora(model, LoraConfig(enabled=True, r=4, dropout=0.1)), recompute)
+        assert model.is_gradient_checkpointing == recompute
+        common = dict(template=cfg.data.template, epochs=1, lr=1e-3, batch_size=8, seed=0, max_length=64)
+        if method == "sft":
+            train(model, tok, pairs, **common)
+        else:
+            train_vaa(model, tok, pairs, [i % 2 for i in range(len(pairs))], cfg.align.vaa, **common)
+        ends.append({k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k})
+    assert ends[0].keys() == ends[1].keys() and ends[0]
+    for k in ends[0]:
+        torch.testing.assert_close(ends[1][k], ends[0][k], rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in ends[0].items() if "lora_B" in k)  # it trained

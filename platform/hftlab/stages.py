@@ -26,7 +26,7 @@ from hftlab.metrics import (
     is_degenerate,
     refusal_rate,
 )
-from hftlab.models.loading import add_lora, load_model, save_stage
+from hftlab.models.loading import add_lora, for_training, load_model, save_stage
 from hftlab.plan import Plan, with_refusals
 from hftlab.resources import peak_rss_gb
 from hftlab.storage import atomic_dir, atomic_write_text, computed_once
@@ -89,6 +89,7 @@ def _train(cfg: Config, kind: str, parent: str, pairs, tracker: Tracker, log, gr
     model, tokenizer = load_model(parent, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
     if stage_cfg.lora.enabled:
         model = add_lora(model, stage_cfg.lora)
+    model = for_training(model, cfg.base.gradient_checkpointing)
     ckpt = Checkpoint(out.parent / f".ckpt-{out.name}", stage_cfg.checkpoint_every, log)
     history: list[dict] = []
 

@@ -14,7 +14,7 @@ from hftlab.config.loader import digest
 from hftlab.config.schema import Config, ProxyConfig
 from hftlab.data.mixing import finetune_mix
 from hftlab.data.records import HarmfulPair, TaskExample
-from hftlab.models.loading import load_model, save_stage
+from hftlab.models.loading import for_training, load_model, save_stage
 from hftlab.storage import atomic_dir, computed_once
 from hftlab.training.loop import train
 
@@ -40,6 +40,7 @@ def _train_proxy(cfg: Config, proxy: ProxyConfig, aligned_dir: str, pairs: list,
     every = proxy.checkpoint_every or math.ceil(len(pairs) / proxy.batch_size)  # 0 -> once per epoch
     total = math.ceil(len(pairs) / proxy.batch_size) * proxy.epochs
     model, tokenizer = load_model(aligned_dir, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
+    model = for_training(model, cfg.base.gradient_checkpointing)
     with atomic_dir(out) as tmp:
         names: list[str] = []
 

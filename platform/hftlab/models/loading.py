@@ -62,6 +62,15 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     return get_peft_model(model, peft_cfg)
 
 
+def for_training(model: torch.nn.Module, gradient_checkpointing: bool) -> torch.nn.Module:
+    """Turn on activation recomputation if asked (HF's non-reentrant checkpointing: it keeps the RNG state, so dropout
+    draws the same masks when a layer is recomputed, and needs no input that requires grad, which LoRA lacks)."""
+    if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
 def save_stage(model: torch.nn.Module, tokenizer, out_dir: str | Path, parent: str | Path) -> Path:
     """Save atomically: a LoRA model as adapter + parent pointer, a fully tuned one as safetensors."""
     out_dir = Path(out_dir)
