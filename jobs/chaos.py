@@ -4,11 +4,13 @@
     python jobs/chaos.py --config configs/smoke.yaml --kills 5 -- align.method=vaa
 
 One uninterrupted run first (its metrics are the reference and its wall time T the kill window). Then, per kill, a
-fresh output directory and MLflow store (the tiny base's cache shared): the run is started, killed by PID at a moment
-drawn uniformly from (0, T) (seeded), and run again to the end. Printed, one JSON line: kills; resumes (reruns that
-took up something the killed driver left: a checkpoint, a finished stage, a cached answer, its MLflow run); reruns
-whose final metrics equal the reference's (every metric but wall time and memory); stages recomputed (a stage that
-was finished before the rerun and written again by it: must be 0); runs left RUNNING or duplicated in MLflow.
+fresh output directory and MLflow store (the tiny base's cache shared): the run is started, killed by PID at a
+moment drawn uniformly from (0, T) (seeded), and run again to the end. Printed, one JSON line: attempts (moments
+drawn) and kills (those that hit a running driver: --kills of them); resumes (reruns that took up something the
+killed driver left: a checkpoint, a finished stage, a cached answer, its MLflow run); reruns whose final metrics
+equal the reference's (every metric but wall time and memory); stages recomputed (a stage that was finished before
+the rerun and written again by it: must be 0); runs left RUNNING; duplicate runs (a new run started beside the
+killed driver's unfinished one: must be 0); reruns of a run that had already finished.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def same(a: dict[str, float], b: dict[str, float]) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/smoke.yaml")
-    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--kills", type=int, default=20, help="kills that hit a running driver (a moment drawn after the "
+                    "run ended is a rerun of a finished run, counted apart, and another moment is drawn)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None, help="where the runs write (default: a temporary directory)")
     ap.add_argument("overrides", nargs="*")
@@ -87,9 +90,12 @@ def main() -> None:
     (reference,) = runs(ref)
     expected = metrics_of(reference)
     rng = random.Random(args.seed)
-    counts = {"kills": 0, "killed_before_the_end": 0, "resumes": 0, "equal_metrics": 0, "stages_recomputed": 0,
-              "runs_left_running": 0, "duplicate_runs": 0, "failed_reruns": 0}
-    for k in tqdm(range(args.kills), desc="chaos", unit="kill"):
+    counts = {"attempts": 0, "kills": 0, "resumes": 0, "equal_metrics": 0, "stages_recomputed": 0,
+              "runs_left_running": 0, "duplicate_runs": 0, "reruns_of_a_finished_run": 0,
+              "failed_reruns": 0}
+    bar, k = tqdm(total=args.kills, desc="chaos", unit="kill"), -1
+    while counts["kills"] < args.kills and k < 3 * args.kills:
+        k += 1
         trial = work / f"kill-{k:03d}"
         trial.mkdir()
         at = rng.uniform(0.0, window)
@@ -99,9 +105,11 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
-            counts["killed_before_the_end"] += 1
-        counts["kills"] += 1
+            counts["kills"] += 1
+            bar.update()
+        counts["attempts"] += 1
         before = finished_stages(trial)
+        left = {r.info.run_id: r.info.status for r in runs(trial)}  # what the killed driver left in MLflow
         mark = (trial / "log").stat().st_size
         if start(args.config, trial, cache, args.overrides, trial / "log").wait() != 0:
             counts["failed_reruns"] += 1
@@ -113,7 +121,11 @@ def main() -> None:
             bool(before)
         found = runs(trial)
         counts["runs_left_running"] += sum(r.info.status == "RUNNING" for r in found)
-        counts["duplicate_runs"] += max(0, len(found) - 1)
+        unfinished = [i for i, status in left.items() if status != "FINISHED"]
+        # a new run beside an unfinished one is a duplicate; a rerun after the killed driver had finished its run
+        # (killed in its last seconds, or after it exited) is an ordinary second run of the command
+        counts["duplicate_runs"] += sum(r.info.run_id not in left for r in found) if unfinished else 0
+        counts["reruns_of_a_finished_run"] += bool(left) and not unfinished
         counts["equal_metrics"] += any(r.info.status == "FINISHED" and same(metrics_of(r), expected) for r in found)
     print(json.dumps({"config": args.config, "overrides": args.overrides, "seed": args.seed, "window_seconds":
                       round(window, 1), **counts, "seconds": round(time.time() - began, 1), "workdir": str(work)}))
