@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -76,3 +77,17 @@ def test_a_cluster_without_gpus_is_told_what_it_lacks(ray_local):
     assert "needs 8" in check_cluster(plan, resources, need_gpu=0, need_cpu=8)
     vaa = make_plan(REPO / PAPER, ["align.method=vaa"], accelerator="h100")
     assert "GB on one GPU" in check_cluster(vaa, {"GPU": 8, "CPU": 64}, need_gpu=1, need_cpu=1)
+
+
+PAPER_FILES = sorted([*(REPO / "configs/paper").glob("*.yaml"), *(REPO / "configs/sweeps/paper").glob("*.yaml")])
+
+
+@pytest.mark.parametrize("path", PAPER_FILES, ids=lambda p: p.name)
+def test_every_paper_config_and_sweep_plans_and_cites_its_reference(path):
+    """Each paper-scale file loads, validates every trial and plans on CPU; its header names the reference scripts
+    (repository@commit and file:line) it follows."""
+    plan = make_plan(path, accelerator="h200")
+    assert plan["trials"] and plan["gpu_hours"] > 0
+    header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+    assert re.search(r"[\w-]+/[\w-]+[ ]?@[ ]?[0-9a-f]{7}", header), f"{path.name}: no repository@commit"
+    assert re.search(r"\.(sh|py):L\d+", header), f"{path.name}: no file:line citation"
