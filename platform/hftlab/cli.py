@@ -1,4 +1,4 @@
-"""`hftlab run | groups | config | judge | sweep | report | tracking`: argument parsing only.
+"""`hftlab run | groups | config | judge | sweep | report | plan | tracking`: argument parsing only.
 
 The work is in pipeline.py, groups/, judges/ (train and eval), sweeps.py (Ray Tune) and report.py (tables from MLflow).
 """
@@ -45,6 +45,14 @@ def parser() -> argparse.ArgumentParser:
     cmd.add_argument("--out", default=None, help="output directory (default: outputs/reports/EXPERIMENT)")
     cmd.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
     cmd.add_argument("--parent", default=None, help="a sweep's parent run id (default: the experiment's latest sweep)")
+    text = ("every trial's stages, the ones trials share, sizes, resources and estimated GPU-hours, before anything "
+            "runs (no model loaded, no hub reached)")
+    cmd = sub.add_parser("plan", help=text, description=text)
+    cmd.add_argument("config", help="a config YAML or a sweep YAML")
+    cmd.add_argument("overrides", nargs="*", help="dotted overrides, as for run / sweep")
+    cmd.add_argument("--accelerator", default="h100", help="the GPU the estimate is for: h100, h200, a100")
+    cmd.add_argument("--address", default=None, help="a Ray cluster to check the plan against (fails if it lacks it)")
+    cmd.add_argument("--json", action="store_true", help="the plan as JSON instead of the table")
     text = "MLflow: `sync` sends what runs logged while the tracking server was unreachable (their outboxes)"
     cmd = sub.add_parser("tracking", help=text, description=text)
     cmd.add_argument("action", choices=["sync"])
@@ -107,6 +115,32 @@ def ui_link(uri: str, fragment: str) -> str:
     return f"http://127.0.0.1:5000/{fragment}   (after: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000)"
 
 
+def plan_command(args: argparse.Namespace) -> int:
+    import json
+
+    from hftlab.stageplan import check_cluster, format_plan, gpus_per_trial, make_plan, trials
+
+    plan = make_plan(args.config, args.overrides, args.accelerator)
+    print(json.dumps(plan, indent=1) if args.json else format_plan(plan, args.config))
+    if args.address is None:
+        return 0
+    import ray
+
+    cfg = trials(args.config, args.overrides)[0][0][1]
+    res = plan["resources"]
+    need_gpu = res["gpu"] if res["gpu"] is not None else gpus_per_trial(cfg)
+    ray.init(address=args.address, log_to_driver=False)
+    try:
+        lacking = check_cluster(plan, ray.cluster_resources(), need_gpu, res["cpu"] or 1.0)
+    finally:
+        ray.shutdown()
+    if lacking:
+        print(f"hftlab: plan does not fit {args.address}: {lacking}", file=sys.stderr)
+        return 4
+    print(f"fits {args.address}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -114,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             return sweep(args)
         if args.command == "report":
             return report(args)
+        if args.command == "plan":
+            return plan_command(args)
         if args.command == "tracking":
             from hftlab.tracker import sync
 
