@@ -195,6 +195,10 @@ def provenance(uri: str, parent: str | None, runs: list[dict]) -> str:
 def write_report(uri: str, experiment: str, out: str | Path, parent: str | None = None, log=print) -> dict:
     """Write every layout the runs support to `out` and log them to the parent run (or a new report run)."""
     runs, parent = select_runs(uri, experiment, parent)
+    if parent and tracking.get_run(uri, parent)["tags"].get("hftlab.nested") == "true":  # an attack sweep's report
+        from hftlab.report_attack import write_attack_report
+
+        return write_attack_report(uri, experiment, out, parent, log)
     if not runs:
         raise ValueError(f"experiment {experiment!r} at {uri} has no finished runs with finetuned.hs")
     out = Path(out)

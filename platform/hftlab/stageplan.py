@@ -166,7 +166,7 @@ def trials(path: str | Path, overrides: list[str]) -> tuple[list[tuple[str, Conf
     raw = read_yaml(path, "config")
     if "space" not in raw and not isinstance(raw.get("base"), str):  # a sweep file names its base config
         return [("run", load_config(path, overrides))], {"cpu": None, "gpu": None}
-    from hftlab.sweepfile import load_sweep, trial_dotlist, trial_name
+    from hftlab.sweepfile import load_sweep, to_overrides, trial_dotlist, trial_name
 
     spec, fixed = load_sweep(path, overrides)
     axes = {k: (v if kind in ("grid", "choice") else [v[0]]) for k, d in spec.space.items() for kind, v in d.items()}
@@ -175,8 +175,35 @@ def trials(path: str | Path, overrides: list[str]) -> tuple[list[tuple[str, Conf
         point = dict(zip(axes, values, strict=True))
         cfg = load_config(spec.base, fixed + trial_dotlist(point))
         for sample in range(spec.num_samples):
-            out.append((trial_name(cfg, point) + (f" #{sample}" if spec.num_samples > 1 else ""), cfg))
+            name = trial_name(cfg, point) + (f" #{sample}" if spec.num_samples > 1 else "")
+            out.append((name + (" fixed attack" if spec.attack.enabled else ""), cfg))
+            if spec.attack.enabled:  # a nested sweep: the undefended reference and the defense's attacks
+                ref = [o for k, v in spec.attack.guard.reference.items() for o in to_overrides(k, v)]
+                if spec.attack.guard.fa_share is not None:
+                    out.append((f"{name} reference", load_config(spec.base, fixed + trial_dotlist(point) + ref)))
+                for i, attack in enumerate(attack_points(spec.attack)):
+                    out.append((f"{name} attack {i}", load_config(spec.base, fixed + trial_dotlist(point | attack))))
     return out, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+
+
+def attack_points(attack) -> list[dict]:
+    """The attacks a nested sweep runs per defense: the grid's points, or `budget` draws (seeded by attack.seed; the
+    same distributions as Tune's, not its exact draws: enough for costs)."""
+    import math
+    import random
+
+    if attack.search == "grid":
+        axes = {k: d["grid"] for k, d in attack.space.items()}
+        return [dict(zip(axes, vals, strict=True)) for vals in itertools.product(*axes.values())]
+    rng = random.Random(attack.seed)
+
+    def draw(dist: dict):
+        kind, v = next(iter(dist.items()))
+        if kind in ("grid", "choice"):
+            return rng.choice(v)
+        return rng.uniform(*v) if kind == "uniform" else math.exp(rng.uniform(math.log(v[0]), math.log(v[1])))
+
+    return [{k: draw(d) for k, d in attack.space.items()} for _ in range(attack.trials)]
 
 
 def make_plan(path: str | Path, overrides: list[str] | None = None, accelerator: str = "h100") -> dict:

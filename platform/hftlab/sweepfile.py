@@ -9,7 +9,6 @@ point (and both ends of every range) to the base config, so an unknown key or a 
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -17,13 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hftlab import tracking
+from hftlab.attackfile import AttackConfig
 from hftlab.config.errors import check
 from hftlab.config.loader import ConfigError, apply_overrides, build, load_config, parse_override, read_yaml
 from hftlab.metrics import METRICS
+from hftlab.space import KINDS, axes, check_space, points
 
 STAGE_METRICS = tuple(f"{s}.{k}" for s in ("base", "aligned", "finetuned") for k in METRICS)
 EARLY_METRICS = tuple(m for m in STAGE_METRICS if not m.startswith("finetuned."))
-KINDS = ("grid", "choice", "uniform", "loguniform")
 CONSTRAINT = re.compile(r"^\s*([\w.]+)\s*(>=|<=)\s*(-?[\d.]+(?:[eE][-+]?\d+)?)\s*$")
 
 
@@ -95,6 +95,9 @@ class SweepConfig:
     """Model Registry name for the best trial's fine-tuned model (empty: hftlab-<name>; null: don't register)."""
     report: bool = True
     """Write and log the paper-style report (`hftlab report`) when the sweep ends."""
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    """An attacker who tunes (attackfile.py): with an `attack.space`, each trial of `space` is a defense whose
+    aligned model is attacked by `attack.budget` inner trials, scored by the worst HS under the utility guard."""
     uses_ray: bool = False
     """Set by load_sweep (not in files): some trial starts Ray work of its own (VAA's groups stage, Ray Train)."""
 
@@ -108,28 +111,10 @@ class SweepConfig:
             m = CONSTRAINT.match(item)
             check(m is not None and m.group(1) in STAGE_METRICS, "constraints", item,
                   f"must look like <metric> >= <number> or <=, with a metric in {list(STAGE_METRICS)}")
-        for key, dist in self.space.items():
-            ok = isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in KINDS
-            check(ok, f"space.{key}", dist, f"must be a mapping with one of {list(KINDS)}")
-            kind, values = next(iter(dist.items()))
-            if isinstance(values, list):  # YAML 1.1 reads 1e-4 as a string; the CLI's overrides read it as a number
-                values = dist[kind] = [_number(v) for v in values]
-            if kind in ("grid", "choice"):
-                check(isinstance(values, list) and len(values) > 0, f"space.{key}", dist, "needs a non-empty list")
-            else:
-                ok = (isinstance(values, list) and len(values) == 2 and all(isinstance(v, int | float) for v in values)
-                      and values[0] < values[1] and (kind == "uniform" or values[0] > 0))
-                check(ok, f"space.{key}", dist, "needs [low, high] with low < high (and low > 0 for loguniform)")
-
-
-def _number(value: Any) -> Any:
-    """'1e-4' -> 0.0001; any other value as it is."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+        check_space(self.space)
+        if self.attack.enabled:
+            check(self.scheduler.kind == "none", "scheduler.kind", self.scheduler.kind,
+                  "a nested attack sweep runs every defense's attacks to the end")
 
 
 def to_overrides(key: str, value: Any) -> list[str]:
@@ -169,23 +154,31 @@ def trial_name(cfg: Any, config: dict) -> str:
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, list[str]]:
     """Read and validate a sweep file. `overrides` starting with `sweep.` set the sweep file's own fields
-    (`sweep.space.<dotted key>[.grid]=...` a space entry), the rest go to every trial's config. Returns the
-    spec and the trials' fixed overrides (paths made absolute, MLflow experiment and URI pinned, torch
-    threads = CPUs per trial). Raises ConfigError naming the field and value before anything runs."""
+    (`sweep.space.<dotted key>[.grid]=...` a space entry, `sweep.attack.space.<dotted key>...` an attack's), the rest
+    go to every trial's config. Returns the spec and the trials' fixed overrides (paths made absolute, MLflow
+    experiment and URI pinned, torch threads = CPUs per trial).
+    Raises ConfigError naming the field and value before anything runs."""
     overrides = list(overrides or [])
     raw = read_yaml(path, "sweep")
     own = [o[len("sweep."):] for o in overrides if o.startswith("sweep.")]
     if "uses_ray" in raw or any(o.startswith("uses_ray=") for o in own):
         raise ConfigError("uses_ray", raw.get("uses_ray"), "is set by hftlab, not by sweep files")
-    for item in [o for o in own if o.startswith("space.")]:  # space keys are dotted: sweep.space.<key>[.<kind>]=...
-        key, value = parse_override(item[len("space."):])
+    spaces = ("space.", "attack.space.")
+    for item in [o for o in own if o.startswith(spaces)]:  # space keys are dotted: sweep.[attack.]space.<key>[.<kind>]=...
+        prefix = next(p for p in reversed(spaces) if item.startswith(p))
+        key, value = parse_override(item[len(prefix):])
         head, _, last = key.rpartition(".")
         if head and last in KINDS:
             key, value = head, {last: value}
-        if not isinstance(raw.get("space"), dict):
-            raw["space"] = {}
-        raw["space"][key] = value
-    spec = build(SweepConfig, apply_overrides(raw, [o for o in own if not o.startswith("space.")]))
+        holder = raw
+        if prefix == "attack.space.":
+            if not isinstance(raw.get("attack"), dict):
+                raw["attack"] = {}
+            holder = raw["attack"]
+        if not isinstance(holder.get("space"), dict):
+            holder["space"] = {}
+        holder["space"][key] = value
+    spec = build(SweepConfig, apply_overrides(raw, [o for o in own if not o.startswith(spaces)]))
     spec.name = spec.name or Path(path).stem
     base = Path(spec.base) if Path(spec.base).is_absolute() else Path(path).resolve().parent / spec.base
     spec.base = str(base.resolve())
@@ -215,22 +208,21 @@ def _absolute_uri(uri: str) -> str:
 def _validate_points(spec: SweepConfig, fixed: list[str]) -> bool:
     """Apply every grid point (ranges: both ends) to the base config; per key alone if there are too many.
     Returns whether some trial starts Ray work of its own (VAA's groups stage, Ray Train workers)."""
-    axes = {k: (v if kind in ("grid", "choice") else list(v)) for k, d in spec.space.items() for kind, v in d.items()}
-    combos = 1
-    for values in axes.values():
-        combos *= len(values)
-    points = ([dict(zip(axes, vals, strict=True)) for vals in itertools.product(*axes.values())] if combos <= 512
-              else [{k: v} for k, values in axes.items() for v in values])
+    outer = {f"space.{k}": v for k, v in axes(spec.space).items()}
+    inner = {f"attack.space.{k}": v for k, v in axes(spec.attack.space).items()}
+    reference = {"attack.guard.reference": [spec.attack.guard.reference]} if spec.attack.enabled else {}
     uses_ray = False
-    for point in points:
+    for point in points(outer | inner | reference):
+        values = {k.split("space.", 1)[-1] if "space." in k else k: v for k, v in point.items()}
         try:
-            cfg = load_config(spec.base, fixed + trial_dotlist(point))
+            cfg = load_config(spec.base, fixed + trial_dotlist(values))
         except ConfigError as exc:
-            culprit = next((k for k in point if exc.field == k or exc.field.startswith(k + ".")
-                            or any(o.startswith(exc.field + "=") for o in to_overrides(k, point[k]))), None)
+            culprit = next((k for k, short in zip(point, values, strict=True) if exc.field == short
+                            or exc.field.startswith(short + ".")
+                            or any(o.startswith(exc.field + "=") for o in to_overrides(short, values[short]))), None)
             if culprit is None:
                 raise
-            raise ConfigError(f"space.{culprit}", point[culprit], f"gives an invalid trial config: {exc}") from None
+            raise ConfigError(culprit, point[culprit], f"gives an invalid trial config: {exc}") from None
         uses_ray |= (cfg.align.method == "vaa" and cfg.align.vaa.group_file is None) or max(cfg.align.workers,
                                                                                             cfg.finetune.workers) > 1
     return uses_ray

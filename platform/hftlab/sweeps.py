@@ -117,7 +117,8 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool
     exp_dir = Path(spec.storage_path).resolve() / spec.name
     state_file = exp_dir / STATE_FILE
     cpus = ray.cluster_resources().get("CPU", 0)
-    if spec.uses_ray and spec.max_concurrent_trials * spec.resources.cpu > cpus - 1:
+    running = spec.max_concurrent_trials * (spec.attack.max_concurrent_trials if spec.attack.enabled else 1)
+    if spec.uses_ray and running * spec.resources.cpu > cpus - 1:
         raise ConfigError("max_concurrent_trials", spec.max_concurrent_trials,
                           f"trials start Ray work of their own (VAA's groups stage on Ray Data, or workers > 1): "
                           f"leave at least one of the cluster's {cpus:g} CPUs outside the trials "
@@ -138,7 +139,14 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool
         log(f"sweep {spec.name}: Tune experiment {exp_dir}, MLflow parent run {setup['parent_run_id']}")
 
     res = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
-    trainable = tune.with_resources(tune.with_parameters(hftlab_trial, setup=setup), res)
+    if spec.attack.enabled:  # nested: each trial is a defense running its own attack search (attacks.py)
+        from hftlab.attacks import OUTER_CPU, defense_trial
+
+        setup = {**setup, "attack": asdict(spec.attack), "resources": res, "exp_dir": str(exp_dir),
+                 "max_failures": spec.max_failures}
+        trainable = tune.with_resources(tune.with_parameters(defense_trial, setup=setup), {"cpu": OUTER_CPU})
+    else:
+        trainable = tune.with_resources(tune.with_parameters(hftlab_trial, setup=setup), res)
     if resume:
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
     else:
@@ -169,6 +177,7 @@ def start(spec: SweepConfig, fixed: list[str], exp_dir: Path, spec_hash: str) ->
     setup["parent_run_id"] = tracking.start_parent(
         uri, setup["experiment"], spec.name,
         tags={"hftlab.sweep": spec.name, "hftlab.role": "sweep", "hftlab.config_hash": spec_hash,
+              "hftlab.nested": str(spec.attack.enabled).lower(),
               "ray.job_id": setup["job_id"], "ray.experiment_path": str(exp_dir), "hftlab.machine": tracking.machine(),
               "hftlab.git_commit": setup["git_commit"]},
         params={"sweep.base": spec.base, "sweep.metric": spec.metric, "sweep.mode": spec.mode,
@@ -186,9 +195,20 @@ def finish(spec: SweepConfig, setup: dict, exp_dir: Path, n_trials: int, n_error
     uri, experiment, parent = setup["tracking_uri"], setup["experiment"], setup["parent_run_id"]
     tracking.close_unfinished(uri, experiment, parent)  # killed mid-pipeline (by ASHA or the interruption)
     runs = tracking.children(uri, experiment, parent)
+    for defense in runs if spec.attack.enabled else []:  # and the attacks of a nested sweep's defenses
+        tracking.close_unfinished(uri, experiment, defense["run_id"])
     stopped = [r["run_id"] for r in runs if r["status"] == "KILLED"]
-    best, version = (None, None) if interrupted else (best_trial(spec, runs), None)
-    if best:
+    metric = "worst.hs" if spec.attack.enabled else spec.metric
+    if spec.attack.enabled:
+        from hftlab.attacks import best_defense
+
+        best, version = (None if interrupted else best_defense(runs)), None
+        if best:
+            tracking.log_metrics(uri, parent, {"best.worst.hs": best["metrics"]["worst.hs"]})
+            tracking.set_tags(uri, parent, {"hftlab.best_run_id": best["run_id"]})
+    else:
+        best, version = (None, None) if interrupted else (best_trial(spec, runs), None)
+    if best and not spec.attack.enabled:
         values = {k: best["metrics"][k] for k in ("finetuned.hs", "finetuned.fa", "aligned.hs") if k in best["metrics"]}
         tracking.log_metrics(uri, parent, {f"best.{k}": v for k, v in values.items()})
         tracking.set_tags(uri, parent, {"hftlab.best_run_id": best["run_id"]})
@@ -197,15 +217,17 @@ def finish(spec: SweepConfig, setup: dict, exp_dir: Path, n_trials: int, n_error
                     **{k: best["tags"].get(k) for k in ("ray.trial_id", "hftlab.config_hash", "hftlab.git_commit")}}
             version = tracking.register_model(uri, best["run_id"], "model/finetuned", spec.register or f"hftlab-{spec.name}",
                                               tags, alias="best")
-    columns = [f"metrics.{m}" for m in ("finetuned.hs", "finetuned.fa", "aligned.hs", "aligned.fa")]
+    shown = ("worst.hs", "worst.fa", "fixed.hs", "attack.guarded") if spec.attack.enabled else (
+        "finetuned.hs", "finetuned.fa", "aligned.hs", "aligned.fa")
+    columns = [f"metrics.{m}" for m in shown]
     ui = tracking.share_view(uri, experiment, f"hftlab-{spec.name}", columns + [f"params.{k}" for k in swept_keys(spec)],
-                             [parent], spec.metric)
+                             [parent], metric)
     tracking.set_status(uri, parent, "KILLED" if interrupted else "FAILED" if n_errors else "FINISHED")
     if interrupted:
         log(f"sweep {spec.name} interrupted: continue it with `hftlab sweep ... --resume` (same file and overrides)")
     else:
         log(f"sweep {spec.name}: {n_trials} trials, {n_errors} errors, {len(stopped)} stopped early; best "
-            f"{best['run_name'] if best else None} {spec.metric}={best['metrics'][spec.metric] if best else None}; "
+            f"{best['run_name'] if best else None} {metric}={best['metrics'][metric] if best else None}; "
             f"registered version {version}")
     return {"parent_run_id": parent, "experiment": experiment, "tracking_uri": uri, "path": str(exp_dir),
             "trials": n_trials, "errors": n_errors, "interrupted": interrupted, "stopped": stopped, "best": best,
