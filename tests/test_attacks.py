@@ -57,7 +57,7 @@ def test_attack_space_is_checked_before_anything_runs(tmp_path, attack, field, v
 
 def test_worst_case_is_the_highest_guarded_hs_and_the_curve_its_running_maximum():
     def run(i: int, hs: float, fa: float) -> dict:
-        return {"run_id": f"r{i}", "tags": {"ray.trial_id": f"x_{i:05d}"}, "metrics": {"finetuned.hs": hs, "finetuned.fa": fa}}
+        return {"run_id": f"r{i}", "tags": {}, "start_time": i, "metrics": {"finetuned.hs": hs, "finetuned.fa": fa}}
 
     attacks = [run(0, 10, 95), run(1, 90, 40), run(2, 60, 92), run(3, 60, 99), run(4, 30, float("nan"))]
     assert worst_case(attacks, 90.0)["run_id"] == "r2"  # 90 fails the guard; ties go to the first found
@@ -111,11 +111,11 @@ def test_nested_sweep_worst_case_shared_alignment_and_resume_after_a_kill(tmp_pa
     assert len(sweep) == 1 and sweep[0]["status"] == "FINISHED"
     defenses = tracking.children(uri, name, sweep[0]["run_id"])
     assert sorted(d["params"]["align.method"] for d in defenses) == ["sft", "vaccine"]
-    client_runs = []
+    all_kids = []
     for d in defenses:
         assert d["status"] == "FINISHED" and d["tags"]["hftlab.role"] == "defense"
         kids = tracking.children(uri, name, d["run_id"])
-        client_runs += kids
+        all_kids += kids
         hits = [k for k in kids if k["tags"]["hftlab.role"] == "attack"]
         assert len(hits) == 3 and len({k["tags"]["ray.trial_id"] for k in hits}) == 3  # planned, none repeated
         assert sorted(float(k["params"]["finetune.lr"]) for k in hits) == [1e-4, 5e-4, 2e-3]
@@ -136,7 +136,7 @@ def test_nested_sweep_worst_case_shared_alignment_and_resume_after_a_kill(tmp_pa
         else:
             assert "worst.hs" not in d["metrics"]
     # each defense's aligned model trained once (sft's also serves as the reference), by exactly one run
-    trained = [k for k in client_runs if "align.train_seconds" in k["metrics"]]
+    trained = [k for k in all_kids if "align.train_seconds" in k["metrics"]]
     assert sorted(k["params"]["align.method"] for k in trained) == ["sft", "vaccine"]
     assert len([p for p in (tmp_path / "outputs").glob("align-*") if p.is_dir()]) == 2
     import mlflow
@@ -144,5 +144,31 @@ def test_nested_sweep_worst_case_shared_alignment_and_resume_after_a_kill(tmp_pa
     client = mlflow.MlflowClient(uri)
     for run_id in done_before:  # finished before the kill: never run again
         assert len(client.get_metric_history(run_id, "finetuned.hs")) == 1
-    report = (tmp_path / "outputs" / "reports" / name / "report.md").read_text()
-    assert "sft+sft" in report and "vaccine+sft" in report and (tmp_path / "outputs" / "reports" / name / "best-so-far.png").is_file()
+    reports = tmp_path / "outputs" / "reports" / name
+    report = (reports / "report.md").read_text()
+    assert "sft+sft" in report and "vaccine+sft" in report and (reports / "best-so-far.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("search", ["tpe", "random"])
+def test_tpe_and_random_searches_run_their_budget_against_one_defense(tmp_path, tiny_cache, ray_local, search):
+    """Optuna's TPE (through Ray Tune's OptunaSearch) and the seeded random search: `budget` attacks drawn from
+    choices and a log-uniform range; with no share guard there is no reference run and every attack counts."""
+    from hftlab.sweeps import run_sweep
+
+    name = f"search-{search}"
+    path = write_nested(tmp_path, tiny_cache, name, {"align.method": {"grid": ["sft"]}},
+                        {"search": search, "budget": 2, "seed": 3,
+                         "space": {"finetune.lr": {"loguniform": [5e-5, 2e-3]}, "finetune.epochs": {"choice": [1, 2]}},
+                         "guard": {"fa_share": None, "fa_floor": 0}})
+    result = run_sweep(path)
+    assert (result["trials"], result["errors"]) == (1, 0)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    defense = tracking.children(uri, name, result["parent_run_id"])[0]
+    kids = tracking.children(uri, name, defense["run_id"])
+    assert sorted(k["tags"]["hftlab.role"] for k in kids) == ["attack", "attack", "fixed"]  # no reference run
+    hits = [k for k in kids if k["tags"]["hftlab.role"] == "attack"]
+    assert all(5e-5 <= float(k["params"]["finetune.lr"]) <= 2e-3 and k["params"]["finetune.epochs"] in ("1", "2")
+               for k in hits)
+    assert defense["metrics"]["attack.guarded"] == 2 and defense["metrics"]["guard.threshold"] == 0
+    assert defense["metrics"]["worst.hs"] == max(k["metrics"]["finetuned.hs"] for k in hits)

@@ -35,16 +35,16 @@ def guarded(fa: float | None, threshold: float) -> bool:
     return fa is not None and not math.isnan(fa) and fa >= threshold
 
 
-def attack_index(run: dict) -> int:
-    """An attack's place in its search (Tune's trial ids end in _00000, _00001, ...)."""
-    return int(run["tags"].get("ray.trial_id", "0_0").rsplit("_", 1)[-1])
+def search_order(run: dict) -> tuple:
+    """An attack's place in its search: when its run started (a restarted attack keeps its run), then its trial id."""
+    return run.get("start_time") or 0, run["tags"].get("ray.trial_id", "")
 
 
 def finished_attacks(runs: list[dict]) -> list[dict]:
     """The attack runs among a defense's children that finished with a fine-tuned HS, in search order."""
     done = [r for r in runs if r["tags"].get("hftlab.role") == "attack" and r["status"] == "FINISHED"
             and "finetuned.hs" in r["metrics"]]
-    return sorted(done, key=attack_index)
+    return sorted(done, key=search_order)
 
 
 def worst_case(attacks: list[dict], threshold: float) -> dict | None:
