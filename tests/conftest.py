@@ -118,14 +118,16 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A real two-node Ray cluster on this machine, started by infra/local/ray-cluster.sh (`ray start` x 2).
+    """A real Ray cluster of a head and two worker nodes on this machine, started by infra/local/ray-cluster.sh.
 
     Head: `ray start --head --num-cpus 0` (like the KubeRay head: it schedules no work) with the dashboard /
-    Jobs API on 127.0.0.1; worker: `ray start --address` with 1 CPU. Every port is a free one and the temp dir
-    is our own, so it never collides with another Ray instance on the host; token auth uses a fresh token
+    Jobs API on 127.0.0.1; workers: `ray start --address` with 1 CPU and the custom resource worker1 / worker2
+    (so a test can place work on each), each node with its own temp dir. Every port is a free one and the temp
+    dirs are our own, so it never collides with another Ray instance on the host; token auth uses a fresh token
     passed by environment (~/.ray/auth_token is left alone). Yields a dict: dashboard (http URL), gcs
-    (host:port), env (for `ray` CLI subprocesses), token, dashboard_port. Stops only what it started:
-    SIGTERM, then SIGKILL, to the two process groups the script reports, then any process carrying our token.
+    (host:port), env (for `ray` CLI subprocesses), token, dashboard_port, workers ({"worker1": node id, ...}).
+    Stops only what it started: SIGTERM, then SIGKILL, to the process groups the script reports, then any
+    process carrying our token.
     """
     import json
     import re
@@ -143,34 +145,37 @@ def ray_cluster():
     gcs_port, dash_port = free_port(), free_port()
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0", PYTHON=sys.executable,
                PATH=f"{bindir}:{os.environ.get('PATH', '')}", RAY_PORT=str(gcs_port), RAY_DASHBOARD_PORT=str(dash_port),
-               RAY_TEMP_DIR=temp_dir, WORKER_CPUS="1")
+               RAY_TEMP_DIR=temp_dir, WORKERS="2", WORKER_CPUS="1")
     env.pop("RAY_ADDRESS", None)
     groups: list[int] = []
 
     def logs() -> str:
         return "\n".join(f"--- {name}\n" + (Path(temp_dir) / name).read_text()[-1500:]
-                         for name in ("head.log", "worker.log") if (Path(temp_dir) / name).is_file())
+                         for name in ("head.log", "worker1.log", "worker2.log") if (Path(temp_dir) / name).is_file())
 
-    def alive_nodes() -> int:
+    def alive_nodes() -> list[dict]:
         out = subprocess.run([f"{bindir}/ray", "list", "nodes", "--address", f"http://127.0.0.1:{dash_port}",
-                              "--filter", "state=ALIVE", "--format", "json"], env=env, capture_output=True, text=True)
+                              "--filter", "state=ALIVE", "--format", "json", "--detail"], env=env, capture_output=True,
+                             text=True)
         try:
-            return len(json.loads(out.stdout))
+            return json.loads(out.stdout)
         except ValueError:  # "No resource in the cluster", or the head not answering yet
-            return 0
+            return []
 
     try:
         out = subprocess.run(["bash", str(REPO / "infra" / "local" / "ray-cluster.sh")], env=env, capture_output=True,
                              text=True, timeout=180)
         groups = [int(g) for g in re.findall(r"(?:head|worker)_pgid=(\d+)", out.stdout)]
-        assert out.returncode == 0 and len(groups) == 2, f"{out.stdout}\n{out.stderr}\n{logs()}"
+        assert out.returncode == 0 and len(groups) == 3, f"{out.stdout}\n{out.stderr}\n{logs()}"
         deadline = time.time() + 120
-        while alive_nodes() != 2:
+        while len(nodes := alive_nodes()) != 3:
             if time.time() > deadline:
-                raise RuntimeError(f"the Ray worker node did not join:\n{logs()}")
+                raise RuntimeError(f"the Ray worker nodes did not join:\n{logs()}")
             time.sleep(1)
+        workers = {name: n["node_id"] for n in nodes for name in n["resources_total"] if name.startswith("worker")}
+        assert sorted(workers) == ["worker1", "worker2"], nodes
         yield {"dashboard": f"http://127.0.0.1:{dash_port}", "gcs": f"127.0.0.1:{gcs_port}", "env": env,
-               "token": token, "dashboard_port": dash_port}
+               "token": token, "dashboard_port": dash_port, "workers": workers}
     finally:
         for sig, grace in ((signal.SIGTERM, 3), (signal.SIGKILL, 5)):
             for pgid in reversed(groups):  # worker first, then head: each `ray start` leads its own process group

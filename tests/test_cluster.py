@@ -5,7 +5,9 @@ exactly as docs/cluster.md says (`ray job submit --working-dir . --runtime-env i
 python jobs/run.py ...`) runs to SUCCEEDED on a head with no CPUs plus one worker node, takes its
 tracking server and shared storage from the runtime env alone (no overrides on the command line), and
 its run is then found on a real `mlflow server`. The dashboard / Jobs API is bound to 127.0.0.1 and
-refuses requests without the cluster's token (ShadowRay, CVE-2023-48022).
+refuses requests without the cluster's token (ShadowRay, CVE-2023-48022). The cluster has two worker nodes: a
+sweep submitted the same way (`jobs/sweep.py`) puts one trial on each by custom resources, and the trials share
+one aligned model through the storage path.
 """
 
 from __future__ import annotations
@@ -112,3 +114,55 @@ def test_pipeline_job_runs_on_the_cluster_and_logs_to_mlflow(ray_cluster: dict, 
     assert run.data.params["output_dir"] == str(outputs)
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config", "model"}
 
+
+
+def test_sweep_job_places_trials_on_both_nodes_sharing_one_aligned_model(ray_cluster: dict, local_mlflow: str,
+                                                                         tmp_path: Path, tiny_cache: Path) -> None:
+    """`ray job submit` of jobs/sweep.py on tests/data/two-node-sweep.yaml: two trials, forced onto worker1 and
+    worker2 by `resources.custom`, need the same aligned model; it is trained once and reused from the storage path.
+
+    The storage path is a tmp dir every node of this one-machine cluster reads and writes: it stands for the shared
+    mount (the hftlab-shared PVC) of a real cluster. Evidence that the alignment ran once: one align-* stage
+    directory, only one trial's MLflow run has `align.train_seconds` (logged only by the trial that trains the stage:
+    stages.train_stage returns before it when it reuses one), and the job log has one "[align] reusing".
+    """
+    storage = tmp_path / "shared"
+    runtime_env = yaml.safe_load((REPO / "infra" / "runtime_env.yaml").read_text())
+    runtime_env["env_vars"].update(MLFLOW_TRACKING_URI=local_mlflow, HFTLAB_STORAGE_PATH=str(storage),
+                                   HFTLAB_CACHE=str(tiny_cache), HF_HOME=str(tmp_path / "hf"))
+    env_file = tmp_path / "runtime_env.yaml"
+    env_file.write_text(yaml.safe_dump(runtime_env))
+
+    submit = _ray(ray_cluster, "job", "submit", "--submission-id", "hftlab-two-node-sweep", "--working-dir", ".",
+                  "--runtime-env", str(env_file), "--", "python", "jobs/sweep.py", "--sweep",
+                  "tests/data/two-node-sweep.yaml", timeout=900)
+    (tmp_path / "job.log").write_text(submit.stdout + submit.stderr)
+    logs = submit.stdout + submit.stderr
+    job = _api(ray_cluster, "/api/jobs/hftlab-two-node-sweep")
+    assert job["status"] == "SUCCEEDED", f"{job}\n--- ray job submit:\n{logs[-6000:]}"
+    assert submit.returncode == 0, logs[-6000:]
+    assert "warning: no node of this cluster has" not in logs
+
+    # one aligned model on the shared storage, two fine-tuned ones (the poison ratios differ)
+    outputs = storage / "outputs"
+    stages = sorted(p.name.split("-")[0] for p in outputs.iterdir() if p.name.startswith(("align-", "finetune-")))
+    assert stages == ["align", "finetune", "finetune"], sorted(p.name for p in outputs.iterdir())
+    assert not list(outputs.glob(".align-*.tmp-*")), "written once, atomically: no second copy left behind"
+    assert logs.count("[align] reusing") == 1, "the second trial reuses the first one's aligned model"
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=local_mlflow)
+    experiment = client.get_experiment_by_name("two-node-sweep")
+    assert experiment is not None
+    trials = client.search_runs([experiment.experiment_id], "tags.`hftlab.role` = 'trial'")
+    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials), [r.info for r in trials]
+    for run in trials:
+        assert 0.0 <= run.data.metrics["finetuned.hs"] <= 100.0 and 0.0 <= run.data.metrics["finetuned.fa"] <= 100.0
+    # each trial on the node its custom resource names; the node ids are those `ray list nodes` reports
+    placed = {run.data.params["finetune.poison_ratio"]: run.data.tags["ray.node_id"] for run in trials}
+    workers = ray_cluster["workers"]
+    assert placed == {"0.0": workers["worker1"], "0.2": workers["worker2"]} and workers["worker1"] != workers["worker2"]
+    trained = [run for run in trials if "align.train_seconds" in run.data.metrics]
+    assert len(trained) == 1, "exactly one trial trained the shared aligned model"
+    assert all("finetune.train_seconds" in run.data.metrics for run in trials)

@@ -25,7 +25,7 @@ import yaml
 from hftlab import tracking
 from hftlab.cli import main
 from hftlab.config import ConfigError
-from hftlab.sweepfile import load_sweep, to_overrides, trial_dotlist
+from hftlab.sweepfile import custom_resources, load_sweep, swept_keys, to_overrides, trial_dotlist, trial_resources
 from tests.conftest import REPO
 
 TINY = ["finetune.n=100", "finetune.epochs=2", "align.epochs=2", "eval.n_harmful=20", "eval.n_task=20"]
@@ -91,6 +91,29 @@ def test_trial_values_become_the_cli_dotlist():
     assert to_overrides("data.template", "1e-4") == ['data.template="1e-4"']  # a string that YAML would read as a number
     assert trial_dotlist({"seed": 1, "method": {"align.method": "vaa", "finetune.method": "sft"}}) == [
         "align.method=vaa", "finetune.method=sft", "seed=1"]
+
+
+def test_resources_custom_places_a_trial_and_is_no_config_key():
+    """A trial's `resources.custom` (tests/data/two-node-sweep.yaml) picks its node; it never reaches the config."""
+    spec, fixed = load_sweep(REPO / "tests" / "data" / "two-node-sweep.yaml")
+    arms = spec.space["arm"]["grid"]
+    assert [trial_dotlist({"arm": a}) for a in arms] == [["finetune.poison_ratio=0.0"], ["finetune.poison_ratio=0.2"]]
+    assert [trial_resources(spec, {"arm": a}) for a in arms] == [{"CPU": 1.0, "GPU": 0.0, "worker1": 1.0},
+                                                                 {"CPU": 1.0, "GPU": 0.0, "worker2": 1.0}]
+    assert custom_resources(spec) == {"worker1", "worker2"} and swept_keys(spec) == ["finetune.poison_ratio"]
+    spec, _ = load_sweep(REPO / "tests" / "data" / "two-node-sweep.yaml", ["sweep.resources.custom={gpu_a100: 0.5}"])
+    assert trial_resources(spec, {"seed": 1})["gpu_a100"] == 0.5  # the sweep's own, for trials without one
+    spec, _ = load_sweep(REPO / "tests" / "data" / "two-node-sweep.yaml",
+                         ["sweep.space.resources.custom.grid=[{worker1: 1}, {worker2: 1}]"])  # an axis of its own
+    assert swept_keys(spec) == ["finetune.poison_ratio"] and trial_dotlist({"resources.custom": {"worker1": 1}}) == []
+    assert trial_resources(spec, {"resources.custom": {"worker2": 1}})["worker2"] == 1.0
+    for override, field in {"sweep.resources.custom={CPU: 1}": "resources.custom",
+                            "sweep.space.resources.custom.grid=[{worker1: 0}]": "space.resources.custom",
+                            "sweep.space.resources.custom.uniform=[0, 1]": "space.resources.custom",
+                            "sweep.space.arm.grid=[{seed: 1, resources.custom: {w: -1}}]": "space.arm.resources.custom"}.items():
+        with pytest.raises(ConfigError) as err:
+            load_sweep(REPO / "tests" / "data" / "two-node-sweep.yaml", [override])
+        assert err.value.field == field, (override, str(err.value))
 
 
 @pytest.mark.slow

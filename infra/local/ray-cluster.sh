@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A Ray cluster on this machine, laid out as the real ones: a head with no CPUs (GCS, dashboard, job drivers)
-# and one worker node, token auth on, the dashboard / Jobs API on 127.0.0.1. For trying `ray job submit`
-# before a real cluster; tests/test_cluster.py runs it.
+# and worker nodes, token auth on, the dashboard / Jobs API on 127.0.0.1. For trying `ray job submit`
+# before a real cluster; tests/test_cluster.py runs it with two workers.
 #
-#   infra/local/ray-cluster.sh       # env: RAY_PORT (6379) RAY_DASHBOARD_PORT (8265) WORKER_CPUS (1) RAY_TEMP_DIR
+#   infra/local/ray-cluster.sh       # env: RAY_PORT (6379) RAY_DASHBOARD_PORT (8265) WORKERS (1) WORKER_CPUS (1) RAY_TEMP_DIR
 #   RAY_ADDRESS=http://127.0.0.1:8265 RAY_AUTH_MODE=token ray job submit --working-dir . \
 #       --runtime-env infra/runtime_env.yaml -- python jobs/run.py --config configs/smoke.yaml
 #
@@ -11,7 +11,9 @@
 # remote clusters are reached through `kubectl port-forward` or `ray dashboard` (SSH), never a public port.
 # Every other per-node port is a free one and each node has its own temp dir (two nodes unpacking the same
 # job's working dir into one directory race each other), so the nodes and other Ray instances never collide.
-# Stop: kill the two process groups it prints (`kill -TERM -- -HEAD -WORKER`). `ray stop` would stop every Ray
+# Worker n (1..WORKERS) has WORKER_CPUS CPUs and the custom resource `worker<n>: 1`, so a sweep can put a trial
+# on a given node (`resources.custom: {worker2: 1}`; all nodes here share one IP, so `node:<ip>` cannot tell them apart).
+# Stop: kill the process groups it prints (`kill -TERM -- -WORKER... -HEAD`). `ray stop` would stop every Ray
 # process on the machine, other people's included.
 set -euo pipefail
 port="${RAY_PORT:-6379}"
@@ -40,11 +42,14 @@ for _ in $(seq 240); do
   kill -0 "$head_pid" 2> /dev/null || { cat "$temp_dir/head.log" >&2; exit 1; }
   sleep 0.5
 done
-# shellcheck disable=SC2046
-setsid ray start --address "127.0.0.1:${port}" --block --num-cpus "${WORKER_CPUS:-1}" \
-  --temp-dir "$temp_dir/w" --disable-usage-stats $(node_ports) > "$temp_dir/worker.log" 2>&1 &
-worker_pid=$!
+workers=()
+for n in $(seq "${WORKERS:-1}"); do
+  # shellcheck disable=SC2046
+  setsid ray start --address "127.0.0.1:${port}" --block --num-cpus "${WORKER_CPUS:-1}" --resources "{\"worker${n}\": 1}" \
+    --temp-dir "$temp_dir/w$n" --disable-usage-stats $(node_ports) > "$temp_dir/worker$n.log" 2>&1 &
+  workers+=("$!")
+done
 
-echo "head_pgid=${head_pid} worker_pgid=${worker_pid} dashboard=http://127.0.0.1:${dashboard}"
+echo "head_pgid=${head_pid}$(printf ' worker_pgid=%s' "${workers[@]}") dashboard=http://127.0.0.1:${dashboard}"
 echo "submit: RAY_ADDRESS=http://127.0.0.1:${dashboard} RAY_AUTH_MODE=token ray job submit --working-dir . --runtime-env infra/runtime_env.yaml -- python jobs/run.py --config configs/smoke.yaml"
-echo "stop:   kill -TERM -- -${worker_pid} -${head_pid}"
+echo "stop:   kill -TERM --$(printf ' -%s' "${workers[@]}") -${head_pid}"

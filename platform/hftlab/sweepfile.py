@@ -25,6 +25,8 @@ from hftlab.space import KINDS, axes, check_space, points
 STAGE_METRICS = tuple(f"{s}.{k}" for s in ("base", "aligned", "finetuned") for k in METRICS)
 EARLY_METRICS = tuple(m for m in STAGE_METRICS if not m.startswith("finetuned."))
 CONSTRAINT = re.compile(r"^\s*([\w.]+)\s*(>=|<=)\s*(-?[\d.]+(?:[eE][-+]?\d+)?)\s*$")
+TRIAL_RESOURCES = "resources.custom"  # in the space: a trial's own Ray custom resources (where it runs), not a config key
+RESERVED = ("CPU", "GPU", "memory", "object_store_memory")
 
 
 @dataclass
@@ -54,10 +56,27 @@ class ResourcesConfig:
     itself (VAA's groups stage on Ray Data, `workers > 1` on Ray Train) needs CPUs left outside the trials."""
     gpu: float = 0.0
     """GPUs per trial."""
+    custom: dict[str, float] = field(default_factory=dict)
+    """Ray custom resources per trial, e.g. {worker1: 1}: a trial then runs only on a node started with them
+    (`ray start --resources '{"worker1": 1}'`; infra/local/ray-cluster.sh gives worker n `worker<n>: 1`).
+    To put different trials on different nodes, give a trial its own `resources.custom` in the space, as a key
+    of a mapping value next to the config keys it sets (it places the trial, it is not a config override):
+        space: {arm: {grid: [{finetune.poison_ratio: 0.0, resources.custom: {worker1: 1}},
+                             {finetune.poison_ratio: 0.2, resources.custom: {worker2: 1}}]}}
+    A trial's own value replaces this one; `resources.custom: {grid: [{worker1: 1}, ...]}` is an axis of its own."""
 
     def __post_init__(self) -> None:
         check(self.cpu > 0, "cpu", self.cpu, "must be > 0")
         check(self.gpu >= 0, "gpu", self.gpu, "must be >= 0")
+        check_custom("custom", self.custom)
+
+
+def check_custom(where: str, value: Any) -> None:
+    """Custom resources are a mapping of names (not Ray's built-in CPU/GPU/memory) to amounts > 0."""
+    ok = isinstance(value, dict) and all(
+        isinstance(k, str) and k and k not in RESERVED and isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+        for k, v in value.items())
+    check(ok, where, value, f"must map custom resource names (not {list(RESERVED)}) to amounts > 0")
 
 
 @dataclass
@@ -115,10 +134,21 @@ class SweepConfig:
         if self.attack.enabled:
             check(self.scheduler.kind == "none", "scheduler.kind", self.scheduler.kind,
                   "a nested attack sweep runs every defense's attacks to the end")
+        for key, dist in self.space.items():
+            kind, values = next(iter(dist.items()))
+            if key == TRIAL_RESOURCES:
+                check(kind in ("grid", "choice"), f"space.{key}", dist, "needs grid or choice: [{name: amount}, ...]")
+            for value in values if kind in ("grid", "choice") else []:
+                if key == TRIAL_RESOURCES:
+                    check_custom(f"space.{key}", value)
+                elif isinstance(value, dict) and TRIAL_RESOURCES in value:
+                    check_custom(f"space.{key}.{TRIAL_RESOURCES}", value[TRIAL_RESOURCES])
 
 
 def to_overrides(key: str, value: Any) -> list[str]:
-    """One trial value as dotlist items; a mapping sets several dotted keys together."""
+    """One trial value as dotlist items; a mapping sets several dotted keys together (resources.custom: none)."""
+    if key == TRIAL_RESOURCES:
+        return []
     if isinstance(value, dict):
         return [item for k, v in value.items() for item in to_overrides(str(k), v)]
     if hasattr(value, "item"):  # numpy scalars from Tune's samplers
@@ -137,8 +167,30 @@ def swept_keys(spec: SweepConfig) -> list[str]:
     for key, dist in spec.space.items():
         values = next(iter(dist.values()))
         bundles = [v for v in values if isinstance(v, dict)]
-        keys |= {str(k) for b in bundles for k in b} if bundles else {key}
-    return sorted(keys)
+        if key != TRIAL_RESOURCES:  # its values are resource maps, not config keys
+            keys |= {str(k) for b in bundles for k in b} if bundles else {key}
+    return sorted(keys - {TRIAL_RESOURCES})
+
+
+def custom_resources(spec: SweepConfig) -> set[str]:
+    """Every custom resource name some trial asks for (to warn when no node of the cluster has it)."""
+    names = set(spec.resources.custom)
+    for key, dist in spec.space.items():
+        for value in next(iter(dist.values())):
+            if key == TRIAL_RESOURCES or isinstance(value, dict) and isinstance(value.get(TRIAL_RESOURCES), dict):
+                names |= set(value if key == TRIAL_RESOURCES else value[TRIAL_RESOURCES])
+    return names
+
+
+def trial_resources(spec: SweepConfig, point: dict[str, Any]) -> dict[str, float]:
+    """One trial's Ray resources: the sweep's CPUs and GPUs, and its custom ones (the trial's own, else the sweep's)."""
+    custom = spec.resources.custom
+    for key, value in point.items():
+        if key == TRIAL_RESOURCES:
+            custom = value
+        elif isinstance(value, dict) and TRIAL_RESOURCES in value:
+            custom = value[TRIAL_RESOURCES]
+    return {"CPU": spec.resources.cpu, "GPU": spec.resources.gpu, **{str(k): float(v) for k, v in custom.items()}}
 
 
 def trial_name(cfg: Any, config: dict) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from hftlab import tracking
+from hftlab import sweepfile, tracking
 from hftlab.config.loader import ConfigError, digest, load_config
 from hftlab.metrics import METRICS
 from hftlab.sweepfile import CONSTRAINT, SweepConfig, load_sweep, swept_keys, trial_dotlist, trial_name
@@ -37,6 +37,7 @@ def hftlab_trial(config: dict, setup: dict) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if Path(setup["cwd"]).is_dir():
         os.chdir(setup["cwd"])  # relative paths in configs mean the driver's directory, not the trial's
+    import ray
     from ray import tune
 
     from hftlab.pipeline import run
@@ -45,7 +46,8 @@ def hftlab_trial(config: dict, setup: dict) -> None:
     cfg = load_config(setup["base"], setup["overrides"] + trial_dotlist(config))
     uri, experiment, parent = setup["tracking_uri"], setup["experiment"], setup["parent_run_id"]
     tags = {"hftlab.sweep": setup["name"], "hftlab.role": "trial", "ray.trial_id": ctx.get_trial_id(),
-            "ray.trial_name": ctx.get_trial_name(), "ray.job_id": setup["job_id"], "hftlab.git_commit": setup["git_commit"]}
+            "ray.trial_name": ctx.get_trial_name(), "ray.job_id": setup["job_id"], "hftlab.git_commit": setup["git_commit"],
+            "ray.node_id": ray.get_runtime_context().get_node_id()}  # where it ran: placement by resources.custom
 
     def metrics(summary: dict) -> dict:
         return {f"{s}.{k}": summary[s][k] for s in STAGES if s in summary for k in METRICS}
@@ -138,15 +140,18 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool
         setup = start(spec, fixed, exp_dir, spec_hash)
         log(f"sweep {spec.name}: Tune experiment {exp_dir}, MLflow parent run {setup['parent_run_id']}")
 
-    res = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    if missing := sorted(sweepfile.custom_resources(spec) - set(ray.cluster_resources())):  # an autoscaler may add one
+        log(f"warning: no node of this cluster has the custom resources {missing}: their trials wait for one")
     if spec.attack.enabled:  # nested: each trial is a defense running its own attack search (attacks.py)
         from hftlab.attacks import OUTER_CPU, defense_trial
 
+        res = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
         setup = {**setup, "attack": asdict(spec.attack), "resources": res, "exp_dir": str(exp_dir),
                  "max_failures": spec.max_failures}
         trainable = tune.with_resources(tune.with_parameters(defense_trial, setup=setup), {"cpu": OUTER_CPU})
     else:
-        trainable = tune.with_resources(tune.with_parameters(hftlab_trial, setup=setup), res)
+        trainable = tune.with_resources(tune.with_parameters(hftlab_trial, setup=setup),
+                                        lambda config: tune.PlacementGroupFactory([sweepfile.trial_resources(spec, config)]))
     if resume:
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
     else:
