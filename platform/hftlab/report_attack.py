@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -24,6 +25,11 @@ SEEDS = ("seed", "base.tiny.seed")
 def defense_name(run: dict) -> str:
     """The defense's run name without its seed."""
     return " ".join(w for w in run["run_name"].split() if not w.startswith(tuple(f"{s}=" for s in ("seed", "tiny.seed"))))
+
+
+def short(name: str) -> str:
+    """An attack's run name with its drawn numbers to 3 significant digits (lr=5.6120957595237356e-05 -> lr=5.61e-05)."""
+    return re.sub(r"\d+\.\d{4,}(?:e-?\d+)?", lambda m: f"{float(m.group()):.3g}", name)
 
 
 def _mean(values: list[float]) -> float:
@@ -57,7 +63,7 @@ def table(rows: dict[str, list[dict]]) -> list[dict]:
                     "fixed_fa": _mean([s["metrics"]["fixed.fa"] for s in seeds]),
                     "guarded": sum(int(s["metrics"].get("attack.guarded", 0)) for s in seeds),
                     "attacks": sum(s["attacks"] for s in seeds),
-                    "attack": Counter(s["worst"] for s in seeds).most_common(1)[0][0]})
+                    "attack": short(Counter(s["worst"] for s in seeds).most_common(1)[0][0])})
     return sorted(out, key=lambda r: (math.isnan(r["worst_hs"]), r["worst_hs"]))
 
 
@@ -65,7 +71,7 @@ def to_markdown(rows: list[dict]) -> str:
     def f(x: float) -> str:
         return "n/a" if math.isnan(x) else f"{x:.1f}"
 
-    lines = ["| defense | seeds | worst guarded HS | per seed [95% Wilson] | attack reaching it | fixed-setting HS | "
+    lines = ["| defense | seeds | worst guarded HS | per seed [95% Wilson] | attack reaching it (most seeds) | fixed-setting HS | "
              "FA worst / fixed | attacks passing the guard |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         seeds = "; ".join(f"{f(hs)} [{f(lo)}, {f(hi)}]" for hs, lo, hi in r["per_seed"])
