@@ -71,8 +71,8 @@ def to_markdown(rows: list[dict]) -> str:
     def f(x: float) -> str:
         return "n/a" if math.isnan(x) else f"{x:.1f}"
 
-    lines = ["| defense | seeds | worst guarded HS | per seed [95% Wilson] | attack reaching it (most seeds) | fixed-setting HS | "
-             "FA worst / fixed | attacks passing the guard |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| defense | seeds | worst guarded HS | per seed [95% Wilson] | attack reaching it (most seeds) | "
+             "fixed-setting HS | FA worst / fixed | attacks passing the guard |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         seeds = "; ".join(f"{f(hs)} [{f(lo)}, {f(hi)}]" for hs, lo, hi in r["per_seed"])
         lines.append(f"| {r['defense']} | {r['seeds']} | **{f(r['worst_hs'])}** | {seeds} | {r['attack']} | "
