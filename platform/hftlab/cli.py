@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from hftlab.config import ConfigError, load_config, to_dict
-from hftlab.faults import NonFiniteError
+from hftlab.faults import DiskFullError, NonFiniteError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as exc:  # a NaN or inf loss or gradient: the stage, step and method, no traceback
         print(f"hftlab: numerical fault: {exc}", file=sys.stderr)
         return 3
+    except DiskFullError as exc:  # a write failed on a full disk: the directory, nothing half-written left behind
+        print(f"hftlab: disk full: {exc}", file=sys.stderr)
+        return 4
     return 0
 
 
