@@ -52,6 +52,8 @@ def test_params_are_the_override_keys():
         ("data.toy.per_category_test=300", "data.toy.per_category_test", 300),
         ("tracking.enabled=maybe", "tracking.enabled", "maybe"),
         ("align.workers=0", "align.workers", 0),
+        ("output_dir=s3://bucket/outputs", "output_dir", "s3://bucket/outputs"),  # a URI, not a mounted path
+        ("cache_dir=gs://bucket/cache", "cache_dir", "gs://bucket/cache"),
     ],
 )
 def test_bad_values_name_field_and_value(override, field, value):

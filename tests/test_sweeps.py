@@ -61,6 +61,7 @@ def test_sweep_files_are_checked_before_anything_runs(tmp_path, tiny_cache, caps
         "sweep.scheduler.metric=finetuned.hs": ("scheduler.metric", "scheduler.metric='finetuned.hs': must be reported before"),
         "sweep.constraints=[finetuned.fa>80]": ("constraints", "constraints='finetuned.fa>80'"),
         "finetune.nn=3": ("finetune.nn", "finetune.nn=3: unknown key"),
+        "sweep.storage_path=s3://bucket/tune": ("storage_path", "storage_path='s3://bucket/tune': is a URI"),
     }
     for override, expected in cases.items():
         if expected is None:

@@ -19,6 +19,7 @@ from hftlab import tracking
 from hftlab.attackfile import AttackConfig
 from hftlab.config.errors import check
 from hftlab.config.loader import ConfigError, apply_overrides, build, load_config, parse_override, read_yaml
+from hftlab.config.schema import URI
 from hftlab.metrics import METRICS
 from hftlab.space import KINDS, axes, check_space, points
 
@@ -124,6 +125,9 @@ class SweepConfig:
         check(bool(self.base), "base", self.base, "a sweep needs a base config")
         check(self.metric in STAGE_METRICS, "metric", self.metric, f"must be one of {list(STAGE_METRICS)}")
         check(self.num_samples >= 1, "num_samples", self.num_samples, "must be >= 1")
+        check(not URI.match(self.storage_path), "storage_path", self.storage_path,
+              "is a URI; the sweep's state and stages are files: mount the bucket or share on every node (s3fs, "
+              "gcsfuse, NFS) and give its path (docs/cluster.md)")
         check(self.max_concurrent_trials >= 1, "max_concurrent_trials", self.max_concurrent_trials, "must be >= 1")
         check(self.max_failures >= -1, "max_failures", self.max_failures, "must be >= -1 (-1: retry forever)")
         for item in self.constraints:

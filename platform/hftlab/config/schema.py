@@ -7,6 +7,7 @@ key and the MLflow param name. Sections: data.py, model.py, methods.py (per-algo
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from hftlab.config.data import DataConfig, ToyWorldConfig
@@ -29,6 +30,9 @@ __all__ = ["ALIGN_METHODS", "FINETUNE_METHODS", "GROUPINGS", "TASKS", "AlignConf
            "DataConfig", "EvalConfig", "FinetuneConfig", "GroupsConfig", "JUDGE_KINDS", "JudgeConfig", "LisaConfig",
            "LoraConfig", "ModelConfig", "ProxyConfig", "RepNoiseConfig", "SafeGradConfig", "TinyModelConfig",
            "ToyWorldConfig", "TrackingConfig", "TrainedJudgeConfig", "VAAConfig", "VaccineConfig", "VLLMConfig"]
+
+
+URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # s3://, gs://, hdfs://, file://
 
 
 @dataclass
@@ -63,3 +67,8 @@ class Config:
     def __post_init__(self) -> None:
         check(bool(self.name.strip()), "name", self.name, "must not be empty")
         check(self.threads is None or self.threads > 0, "threads", self.threads, "must be > 0")
+        for name in ("output_dir", "cache_dir"):  # stages are read and written as files (safetensors, HF dirs, flocks)
+            value = getattr(self, name)
+            check(value is None or not URI.match(value), name, value,
+                  "is a URI; stages are read as files: mount the bucket or share on every node (s3fs, gcsfuse, NFS) "
+                  "and give its path (docs/cluster.md)")
