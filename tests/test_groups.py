@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from hftlab.groups.vulnerability import aggregate, agreement, auroc, forgot_num, overlap
 
@@ -126,3 +127,53 @@ def test_killing_a_matrix_actor_loses_and_duplicates_no_row(smoke, ray_local, tm
     answers = matrix.pivot(index="id", columns=["proxy", "checkpoint"], values="answer")
     assert all((answers[col] == answers[(0, 0)]).all() for col in answers.columns)
     assert set(matrix["hs"].unique()) <= {0, 1} and (matrix["answer"].str.len() > 0).all()
+
+
+def test_a_proxy_killed_mid_way_resumes_to_an_uninterrupted_proxys_checkpoints(smoke, tmp_path, monkeypatch):
+    """VAA's proxy fine-tuning resumes like a training stage: its saved checkpoints kept, the rest bit for bit."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from hftlab.groups.proxy import run_proxy
+    from hftlab.plan import plan
+    from hftlab.stages import base_model, train_stage
+    from hftlab.tracker import Tracker
+    from hftlab.training.checkpoint import Checkpoint
+
+    cfg = smoke("tracking.enabled=false")
+    p = plan(cfg, proxies=True)
+    aligned = train_stage(cfg, "align", base_model(cfg), p.align_pairs, Tracker(cfg), lambda _: None)
+    proxy = cfg.groups.proxies[0]
+    args = (proxy, aligned, p.proxy_tasks[proxy.task], p.harmful)
+    reference = run_proxy(replace(cfg, output_dir=str(tmp_path / "uninterrupted")), *args, log=lambda _: None)
+    assert len(reference) == 1 + proxy.epochs
+
+    save = Checkpoint.maybe_save
+    saves: list[int] = []
+
+    def save_then_crash(self, step, *rest):
+        save(self, step, *rest)
+        if self.directory.name.startswith(".ckpt-proxy-") and (self.directory / f"step-{step:07d}").is_dir():
+            saves.append(step)
+            if len(saves) == 2:
+                raise KeyboardInterrupt  # stands for the kill: nothing below it catches it
+
+    monkeypatch.setattr(Checkpoint, "maybe_save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_proxy(cfg, *args, log=lambda _: None)
+    out = tmp_path / "outputs"
+    assert not list(out.glob("proxy-*"))  # nothing half-trained reads as finished
+    (partial,) = out.glob(".partial-proxy-*")
+    assert sorted(d.name for d in partial.iterdir()) == ["ckpt-1", "ckpt-2"]
+    kept = (partial / "ckpt-1" / "model.safetensors").stat().st_mtime_ns
+
+    monkeypatch.setattr(Checkpoint, "maybe_save", save)
+    logs: list[str] = []
+    resumed = run_proxy(cfg, *args, log=logs.append)
+    assert any(f"continuing from step {saves[1]}" in x for x in logs), logs
+    assert not list(out.glob(".partial-proxy-*")) and not list(out.glob(".ckpt-proxy-*"))
+    assert (out / resumed[1].split("/")[-2] / "ckpt-1" / "model.safetensors").stat().st_mtime_ns == kept
+    for ours, theirs in zip(resumed[1:], reference[1:], strict=True):
+        a, b = load_file(f"{ours}/model.safetensors"), load_file(f"{theirs}/model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (ours, theirs)

@@ -2,12 +2,14 @@
 
 Checkpoint 0 is the aligned model itself; checkpoints 1..T are saved every k optimizer steps
 (or at each epoch's end) through the same save path as any stage, so they load like any model.
+A proxy killed mid-way resumes from its last checkpoint (training/checkpoint.py), like a training stage.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from hftlab.config.loader import digest
@@ -15,7 +17,8 @@ from hftlab.config.schema import Config, ProxyConfig
 from hftlab.data.mixing import finetune_mix
 from hftlab.data.records import HarmfulPair, TaskExample
 from hftlab.models.loading import for_training, load_model, save_stage
-from hftlab.storage import atomic_dir, computed_once
+from hftlab.storage import atomic_write_text, computed_once
+from hftlab.training.checkpoint import Checkpoint
 from hftlab.training.loop import train
 
 
@@ -37,25 +40,32 @@ def run_proxy(cfg: Config, proxy: ProxyConfig, aligned_dir: str, task: list[Task
 
 
 def _train_proxy(cfg: Config, proxy: ProxyConfig, aligned_dir: str, pairs: list, seed: int, out: Path, log) -> None:
+    """Train into `.partial-<out>` (kept across a kill), with a training checkpoint at every proxy checkpoint: a rerun
+    continues from the last one (its saved proxy checkpoints reused, the rest equal to an uninterrupted run's), and
+    the directory is renamed to `out` only when every checkpoint and checkpoints.json are in it."""
     every = proxy.checkpoint_every or math.ceil(len(pairs) / proxy.batch_size)  # 0 -> once per epoch
     total = math.ceil(len(pairs) / proxy.batch_size) * proxy.epochs
+    at = sorted({s for s in range(every, total + 1, every)} | {total})  # the steps a proxy checkpoint is saved at
+    names = [f"ckpt-{i + 1}" for i in range(len(at))]
     model, tokenizer = load_model(aligned_dir, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
     model = for_training(model, cfg.base.gradient_checkpointing)
-    with atomic_dir(out) as tmp:
-        names: list[str] = []
+    work = out.parent / f".partial-{out.name}"
+    state = Checkpoint(out.parent / f".ckpt-{out.name}", every, log)
 
-        def on_step(step: int, stats: dict) -> None:
-            if step % every == 0 or step == total:
-                name = f"ckpt-{len(names) + 1}"
-                model.eval()
-                save_stage(model, tokenizer, tmp / name, parent=aligned_dir)
-                model.train()
-                names.append(name)
+    def on_step(step: int, stats: dict) -> None:
+        if step in at:  # a checkpoint left by a killed run is the same model: save_stage keeps the first copy
+            model.eval()
+            save_stage(model, tokenizer, work / names[at.index(step)], parent=aligned_dir)
+            model.train()
 
-        log(f"[proxy] {proxy.task} p={proxy.poison_ratio}: {len(pairs)} examples x {proxy.epochs} epochs, "
-            f"checkpoint every {every} steps")
-        train(model, tokenizer, pairs, template=cfg.data.template, epochs=proxy.epochs, lr=proxy.lr,
-              batch_size=proxy.batch_size, seed=seed, max_length=cfg.base.max_length, on_step=on_step,
-              desc=f"proxy {proxy.task} p={proxy.poison_ratio}")
-        (tmp / "checkpoints.json").write_text(json.dumps(names))
-
+    log(f"[proxy] {proxy.task} p={proxy.poison_ratio}: {len(pairs)} examples x {proxy.epochs} epochs, "
+        f"checkpoint every {every} steps")
+    train(model, tokenizer, pairs, template=cfg.data.template, epochs=proxy.epochs, lr=proxy.lr,
+          batch_size=proxy.batch_size, seed=seed, max_length=cfg.base.max_length, on_step=on_step,
+          desc=f"proxy {proxy.task} p={proxy.poison_ratio}", checkpoint=state)
+    missing = [n for n in names if not (work / n).is_dir()]
+    if missing:
+        raise RuntimeError(f"proxy {out.name}: checkpoints {missing} are missing from {work}: delete it to retrain")
+    atomic_write_text(work / "checkpoints.json", json.dumps(names))
+    os.rename(work, out)
+    state.clear()
