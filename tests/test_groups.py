@@ -177,3 +177,43 @@ def test_a_proxy_killed_mid_way_resumes_to_an_uninterrupted_proxys_checkpoints(s
     for ours, theirs in zip(resumed[1:], reference[1:], strict=True):
         a, b = load_file(f"{ours}/model.safetensors"), load_file(f"{theirs}/model.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (ours, theirs)
+
+
+@pytest.mark.slow
+def test_a_matrix_stopped_mid_way_answers_only_the_missing_rows_on_rerun(smoke, ray_local, tmp_path, monkeypatch):
+    """The driver stops after 3 batches (a kill, for the matrix); the rerun takes those rows from the journal."""
+    import ray.data
+
+    from hftlab.data.toyworld import build_world
+    from hftlab.groups.matrix import build_matrix
+    from hftlab.pipeline import base_model
+
+    cfg = smoke("groups.batch_size=8", "groups.actors=1")
+    base = base_model(cfg, log=lambda *_: None)
+    examples = build_world(cfg.data.toy).alignment[:64]
+    runs = [[base, str(shutil.copytree(base, tmp_path / "ckpt-1"))]]
+    journal = tmp_path / ".matrix.jsonl"
+    iterate = ray.data.Dataset.iter_batches
+
+    def stop_after_three(self, *args, **kwargs):
+        for n, batch in enumerate(iterate(self, *args, **kwargs)):
+            if n == 3:
+                raise KeyboardInterrupt  # stands for the kill
+            yield batch
+
+    monkeypatch.setattr(ray.data.Dataset, "iter_batches", stop_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        build_matrix(cfg, examples, runs, tmp_path / "matrix.parquet", journal=journal, log=lambda _: None)
+    assert not (tmp_path / "matrix.parquet").exists()
+    with journal.open("a") as fh:
+        fh.write('{"id": "cut mid-')  # the kill can land mid-line too
+    taken = len(journal.read_text().splitlines()) - 1
+    assert taken == 3 * 8
+
+    monkeypatch.setattr(ray.data.Dataset, "iter_batches", iterate)
+    logs: list[str] = []
+    matrix = build_matrix(cfg, examples, runs, tmp_path / "matrix.parquet", journal=journal, log=logs.append)
+    assert f"[groups] matrix: {taken} rows taken up from {journal}, {2 * 64 - taken} to answer" in logs
+    got = list(zip(matrix["checkpoint"], matrix["id"], strict=True))
+    assert len(got) == 2 * 64 and set(got) == {(t, e.id) for t in range(2) for e in examples}  # none lost, none twice
+    assert not journal.exists() and str(matrix["hs"].dtype) == "int8"

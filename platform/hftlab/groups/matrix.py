@@ -17,6 +17,7 @@ matrix has every row exactly once.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from pathlib import Path
@@ -143,8 +144,24 @@ def worker_kwargs(cfg: Config) -> dict:
                 with_loss=cfg.groups.loss_score, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
 
 
+def read_journal(journal: Path | None, models: list[str]) -> pd.DataFrame:
+    """The rows a killed matrix job had finished (one JSON object per line; a cut last line is dropped)."""
+    done = []
+    if journal is not None and journal.is_file():
+        for line in journal.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the kill landed mid-line: that row is answered again
+            if row["path"] in models:
+                done.append(row)
+    frame = pd.DataFrame(done, columns=["id", "path", "hs", "answer", "loss"])
+    frame = frame.astype({"hs": np.int8, "loss": np.float64})  # as the actors return them (null: NaN)
+    return frame.drop_duplicates(["path", "id"])
+
+
 def build_matrix(cfg: Config, examples: list[AlignmentPair], runs: list[list[str]], out_path: str | Path,
-                 actors: int | None = None) -> pd.DataFrame:
+                 actors: int | None = None, journal: str | Path | None = None, log=print) -> pd.DataFrame:
     """The matrix of every proxy run (`runs[k]` = its checkpoint paths, the aligned model first) on Ray Data.
 
     Written as one Parquet file at `out_path` (columns: proxy, checkpoint, id, hs, answer, loss) and
@@ -153,6 +170,8 @@ def build_matrix(cfg: Config, examples: list[AlignmentPair], runs: list[list[str
     The rows come back to the driver (a few MB even at paper scale) and are written there at once,
     through a temporary name: a reader never sees half a matrix, and no write tasks wait at the end
     for the CPUs the actors hold (Ray Data's `write_parquet` did, 1.5-2 s of a 15 s matrix on 2 cores).
+    `journal`: a file every answered batch is appended to as it arrives, so a rerun after a killed driver answers
+    only the rows it lacks; removed once the matrix is written.
     """
     import ray
 
@@ -160,11 +179,40 @@ def build_matrix(cfg: Config, examples: list[AlignmentPair], runs: list[list[str
         ray.init(ignore_reinit_error=True, log_to_driver=False)
     model_of = {path: m for m, path in enumerate(dict.fromkeys(p for run in runs for p in run))}  # each distinct model once
     g, rows = cfg.groups, matrix_rows(examples, list(model_of))
+    journal = Path(journal) if journal is not None else None
+    done = read_journal(journal, list(model_of))
+    if len(done):
+        finished = set(zip(done["path"], done["id"], strict=True))
+        rows = [r for r in rows if (r["path"], r["id"]) not in finished]
+        log(f"[groups] matrix: {len(done)} rows taken up from {journal}, {len(rows)} to answer")
+    answered = [done.assign(model=done["path"].map(model_of)).drop(columns="path")] if len(done) else []
+    if rows:
+        answered += _answer(cfg, rows, worker_kwargs(cfg), actors or g.actors, journal, list(model_of))
+    where = pd.DataFrame([(k, t, model_of[path]) for k, run in enumerate(runs) for t, path in enumerate(run)],
+                         columns=["proxy", "checkpoint", "model"])
+    matrix = where.merge(pd.concat(answered), on="model")[COLUMNS].sort_values(["proxy", "checkpoint", "id"])
+    matrix = matrix.reset_index(drop=True)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_name(out_path.name + ".partial")
+    matrix.to_parquet(partial, index=False)
+    os.replace(partial, out_path)
+    if journal is not None:
+        journal.unlink(missing_ok=True)
+    return matrix
+
+
+def _answer(cfg: Config, rows: list[dict], kwargs: dict, actors: int, journal: Path | None,
+            models: list[str]) -> list[pd.DataFrame]:
+    """Answer and judge `rows` on a Ray Data actor pool; each batch appended to `journal` as it comes back."""
+    import ray
+
+    g = cfg.groups
     # about one batch per block: work is handed out in small pieces, so no actor idles at the end
     ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / g.batch_size)))
     # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a dead actor comes back
     # and its batch is retried, which is what keeps the matrix exact when a worker dies.
-    worker, kwargs = MatrixWorker, worker_kwargs(cfg)
+    worker = MatrixWorker
     if g.backend == "vllm":
         from hftlab.models.tiny import cache_root
 
@@ -172,16 +220,29 @@ def build_matrix(cfg: Config, examples: list[AlignmentPair], runs: list[list[str
         kwargs.update(settings=cfg.eval.vllm, cache=str(cache_root(cfg)))
     ds = ds.map_batches(
         worker, fn_constructor_kwargs=kwargs, batch_size=g.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors or g.actors), num_cpus=g.cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=g.cpus_per_actor,
         num_gpus=g.gpus_per_actor or None,
     )
-    answered = ds.to_pandas()
-    where = pd.DataFrame([(k, t, model_of[path]) for k, run in enumerate(runs) for t, path in enumerate(run)],
-                         columns=["proxy", "checkpoint", "model"])
-    matrix = where.merge(answered, on="model")[COLUMNS].sort_values(["proxy", "checkpoint", "id"]).reset_index(drop=True)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_path.with_name(out_path.name + ".partial")
-    matrix.to_parquet(partial, index=False)
-    os.replace(partial, out_path)
-    return matrix
+    out: list[pd.DataFrame] = []
+    sink = None
+    if journal is not None:
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        cut = journal.is_file() and journal.stat().st_size and not journal.read_bytes().endswith(b"\n")
+        sink = journal.open("a", encoding="utf-8")
+        if cut:  # a killed driver's last line: end it, so the next row starts a line of its own
+            sink.write("\n")
+    try:
+        for arrays in ds.iter_batches(batch_format="numpy", batch_size=None):
+            batch = pd.DataFrame({k: list(v) if v.dtype == object else v for k, v in arrays.items()})
+            out.append(batch)
+            if sink is not None:
+                paths = batch["model"].map(dict(enumerate(models)))
+                sink.write("".join(json.dumps({"id": str(i), "path": p, "hs": int(h), "answer": str(a),
+                                               "loss": None if lo != lo else float(lo)}) + "\n"
+                                   for i, p, h, a, lo in zip(batch["id"], paths, batch["hs"], batch["answer"],
+                                                             batch["loss"], strict=True)))
+                sink.flush()
+    finally:
+        if sink is not None:
+            sink.close()
+    return out

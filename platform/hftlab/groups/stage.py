@@ -42,8 +42,8 @@ def run_groups(cfg: Config, log=print) -> dict:
         out = Path(cfg.output_dir) / f"groups-{groups_key(cfg, aligned, [a.id for a in p.alignment])}"
         with computed_once(out, (out / "summary.json").is_file, log) as todo:  # racing runs: one estimates
             if todo:
-                with atomic_dir(out) as tmp:
-                    _estimate(cfg, p, aligned, tmp, log)
+                with atomic_dir(out) as tmp:  # the matrix's journal lives beside it: a rerun takes it up
+                    _estimate(cfg, p, aligned, tmp, out.parent / f".matrix-{out.name}.jsonl", log)
             else:
                 log(f"[groups] reusing {out}")
         summary = json.loads((out / "summary.json").read_text())
@@ -57,10 +57,10 @@ def run_groups(cfg: Config, log=print) -> dict:
     return summary
 
 
-def _estimate(cfg: Config, p, aligned: str, tmp: Path, log) -> None:
+def _estimate(cfg: Config, p, aligned: str, tmp: Path, journal: Path, log) -> None:
     runs = [run_proxy(cfg, proxy, aligned, p.proxy_tasks[proxy.task], p.harmful, log) for proxy in cfg.groups.proxies]
     start = time.time()
-    matrix = build_matrix(cfg, p.alignment, runs, tmp / "matrix.parquet")  # one actor pool for every proxy
+    matrix = build_matrix(cfg, p.alignment, runs, tmp / "matrix.parquet", journal=journal, log=log)  # one actor pool
     matrix_seconds = time.time() - start
     log(f"[groups] matrix {len(matrix)} rows ({len(runs)} proxies, {sum(map(len, runs))} checkpoints) "
         f"in {matrix_seconds:.1f}s")
