@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from hftlab.groups.vulnerability import aggregate, agreement, auroc, forgot_num, overlap
+from hftlab.groups.vulnerability import aggregate, agreement, auroc, by_loss, forgot_num, overlap
 
 
 def hand_matrix() -> pd.DataFrame:
@@ -43,6 +43,23 @@ def test_multi_proxy_rules():
     assert (o["forgot_a"], o["forgot_b"], o["common"]) == (2, 2, 1) and o["jaccard"] == pytest.approx(1 / 3)
 
 
+def test_loss_grouping_by_hand_and_its_config_checks(smoke):
+    from hftlab.config import ConfigError
+
+    one = forgot_num(hand_matrix())  # scores a 2.0, b 0.5, c 0.1, d 0.0
+    other = one.assign(score=pd.Series({"a": 0.0, "b": 0.5, "c": 0.5, "d": 0.1}))
+    g = by_loss([one, other], share=0.5)  # mean scores a 1.0, b 0.5, c 0.3, d 0.05: the top half is a, b
+    assert g["group"].to_dict() == {"a": 1, "b": 1, "c": 0, "d": 0}
+    assert g["score"].to_dict() == pytest.approx({"a": 1.0, "b": 0.5, "c": 0.3, "d": 0.05})
+    tied = by_loss([one.assign(score=1.0)], share=0.25)  # all equal: taken in id order
+    assert tied["group"].to_dict() == {"a": 1, "b": 0, "c": 0, "d": 0}
+    for bad, field in (("groups.loss_share=1.5", "groups.loss_share"), ("groups.method=ppl", "groups.method")):
+        with pytest.raises(ConfigError, match=field):
+            smoke(bad)
+    with pytest.raises(ConfigError, match="groups.loss_score"):
+        smoke("groups.method=loss", "groups.loss_score=false")
+
+
 def test_auroc_and_agreement_by_hand():
     assert auroc(np.array([3.0, 2.0, 1.0, 0.0]), np.array([True, True, False, False])) == 1.0
     assert auroc(np.array([0.0, 1.0]), np.array([True, False])) == 0.0
@@ -52,7 +69,7 @@ def test_auroc_and_agreement_by_hand():
 
 
 @pytest.mark.slow
-def test_groups_on_the_toy_world(smoke, ray_local):
+def test_groups_on_the_toy_world(smoke, ray_local, tmp_path):
     from hftlab.groups.stage import run_groups
 
     cfg = smoke()
@@ -76,6 +93,25 @@ def test_groups_on_the_toy_world(smoke, ray_local):
         assert (summary["path"] and os.path.getsize(f"{summary['path']}/{name}") > 0)
     again = run_groups(cfg, log=lambda *_: None)  # finished stages are reused, results identical
     assert again["path"] == summary["path"] and again["n_vulnerable"] == summary["n_vulnerable"]
+
+    # groups.method=loss: the same proxy checkpoints, scored without generating or judging: a judge that cannot load
+    # (a broken model) is never loaded, the proxy is reused, and the score equals the generated matrix's loss score
+    broken = tmp_path / "broken-judge"  # passes the plan's check (a model directory) but loads no model
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    logs: list[str] = []
+    by_loss = run_groups(smoke("groups.method=loss", "groups.loss_share=0.25", "eval.judge.kind=moderation",
+                               f"eval.judge.model={broken}"), log=logs.append)
+    assert by_loss["path"] != summary["path"] and by_loss["method"] == "loss"
+    assert any(line.startswith("[proxy] reusing") for line in logs)
+    loss_matrix = pd.read_parquet(f"{by_loss['path']}/matrix.parquet")
+    assert len(loss_matrix) == len(matrix) and (loss_matrix["hs"] == -1).all() and (loss_matrix["answer"] == "").all()
+    loss_groups = pd.read_json(by_loss["group_file"], lines=True).set_index("id").reindex(groups.index)
+    assert np.allclose(loss_groups["score"], groups["score"], atol=1e-4)
+    vulnerable = loss_groups["group"] == 1
+    assert vulnerable.sum() == round(0.25 * n_ex) == by_loss["n_vulnerable"]
+    assert loss_groups.loc[vulnerable, "score"].min() >= loss_groups.loc[~vulnerable, "score"].max()
+    assert os.path.getsize(f"{by_loss['path']}/loss_score_hist.png") > 0
 
 
 @pytest.mark.slow

@@ -50,6 +50,12 @@ def test_the_paper_configs_costs_follow_the_stated_formulas():
     vaa = make_plan(REPO / PAPER, ["align.method=vaa"])
     assert {s["kind"] for s in vaa["trials"][0]["stages"]} >= {"proxy", "groups"}
     assert vaa["peak_memory_gb"] > ACCELERATORS["h100"].memory_gb
+    # groups.method=loss: the same rows, one forward pass each, nothing decoded or judged: stage 1's matrix is cheaper
+    loss = make_plan(REPO / PAPER, ["align.method=vaa", "groups.method=loss"])
+    matrix = {name: next(s for s in p["trials"][0]["stages"] if s["kind"] == "groups") for name, p in
+              (("gen", vaa), ("loss", loss))}
+    assert matrix["loss"]["examples"] == matrix["gen"]["examples"] and matrix["loss"]["decode_tokens"] == 0
+    assert matrix["loss"]["gpu_hours"] < matrix["gen"]["gpu_hours"]
 
 
 def test_plan_loads_no_model_and_imports_no_torch():

@@ -131,11 +131,18 @@ def stages_of(cfg: Config, accelerator: str = "h100") -> list[Stage]:
             st.append(Stage("proxy", proxy_keys[-1], base.name_or_path, n, examples=proxy.n, lora=False,
                             train_tokens=proxy.n * proxy.epochs * base.max_length))
         rows = n_align * (1 + checkpoints)  # the aligned model and every proxy checkpoint answer every example
-        groups_key = digest({"proxies": proxy_keys, "rule": cfg.groups.rule, "at_least": cfg.groups.at_least})
-        st.append(Stage("groups", groups_key, base.name_or_path, n, examples=rows, decode_tokens=rows * new,
-                        prefill_tokens=rows * PROMPT_TOKENS, judge_params_b=judge_b,
-                        judge_tokens=rows * (PROMPT_TOKENS + new),
-                        notes=[f"{rows} (checkpoint, example) rows generated and judged"]))
+        g = cfg.groups
+        if g.method == "loss":  # one forward pass of prompt + safe response a row: nothing generated or judged
+            groups_key = digest({"proxies": proxy_keys, "method": g.method, "loss_share": g.loss_share})
+            st.append(Stage("groups", groups_key, base.name_or_path, n, examples=rows,
+                            prefill_tokens=rows * min(base.max_length, 2 * PROMPT_TOKENS),
+                            notes=[f"{rows} (checkpoint, example) rows scored by the safe response's loss"]))
+        else:
+            groups_key = digest({"proxies": proxy_keys, "rule": g.rule, "at_least": g.at_least})
+            st.append(Stage("groups", groups_key, base.name_or_path, n, examples=rows, decode_tokens=rows * new,
+                            prefill_tokens=rows * PROMPT_TOKENS, judge_params_b=judge_b,
+                            judge_tokens=rows * (PROMPT_TOKENS + new),
+                            notes=[f"{rows} (checkpoint, example) rows generated and judged"]))
     st.append(_train(cfg, "align", st[0].key, n_align, n, groups_key))
     st.append(_train(cfg, "finetune", st[-1].key, cfg.finetune.n, n, None))
     harmful = _harmful_prompts(cfg, notes)

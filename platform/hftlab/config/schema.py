@@ -15,13 +15,12 @@ from hftlab.config.errors import check
 from hftlab.config.evaluation import (
     JUDGE_KINDS,
     EvalConfig,
-    GroupsConfig,
     JudgeConfig,
-    ProxyConfig,
     TrackingConfig,
     TrainedJudgeConfig,
     VLLMConfig,
 )
+from hftlab.config.groups import GroupsConfig, ProxyConfig
 from hftlab.config.methods import GROUPINGS, BoosterConfig, LisaConfig, RepNoiseConfig, SafeGradConfig, VAAConfig, VaccineConfig
 from hftlab.config.model import LoraConfig, ModelConfig, TinyModelConfig
 from hftlab.config.stages import ALIGN_METHODS, FINETUNE_METHODS, TASKS, AlignConfig, FinetuneConfig

@@ -1,5 +1,8 @@
 """The per-example harmfulness matrix on Ray Data: (proxy, checkpoint, example) -> answer -> judge -> Parquet.
 
+With groups.method=loss the actors skip generation and the judge: each row is one forward pass for the safe
+response's loss, `hs` is NOT_JUDGED and the answer empty.
+
 Generation is HF's (MatrixWorker) or vLLM's (VLLMMatrixWorker, groups.backend=vllm): one engine per actor, moved
 from checkpoint to checkpoint by reloading its weights in place instead of starting a new engine (20-50 s each on
 CPU). ray.data.llm's vLLM processor runs here too (16 rows in 41.7 s, start included: ../shared/REAL-MODELS.md), but
@@ -34,6 +37,8 @@ from hftlab.models.loading import load_model
 from hftlab.training.batches import collate, encode
 
 COLUMNS = ["proxy", "checkpoint", "id", "hs", "answer", "loss"]
+NOT_JUDGED = -1
+"""`hs` of a row that was not generated (groups.method=loss): its answer is empty."""
 
 
 @torch.no_grad()
@@ -55,12 +60,14 @@ def response_losses(model, tokenizer, pairs: list[tuple[str, str]], *, template:
 class MatrixWorker:
     """A Ray Data actor: loads each checkpoint once, answers its prompts in batches, judges them."""
 
-    def __init__(self, *, template: str, max_new_tokens: int, gen_batch_size: int, judge: JudgeConfig, threads: int,
-                 max_length: int, with_loss: bool, dtype: str = "float32", trust_remote_code: bool = False) -> None:
+    def __init__(self, *, template: str, max_new_tokens: int, gen_batch_size: int, judge: JudgeConfig | None,
+                 threads: int, max_length: int, with_loss: bool, dtype: str = "float32",
+                 trust_remote_code: bool = False) -> None:
+        """`judge=None`: the loss score alone (groups.method=loss): nothing is generated or judged."""
         torch.set_num_threads(threads)
         self.template, self.max_new_tokens, self.gen_batch_size = template, max_new_tokens, gen_batch_size
         self.max_length, self.with_loss, self.dtype, self.trust = max_length, with_loss, dtype, trust_remote_code
-        self.judge = make_judge(judge, trust_remote_code=trust_remote_code)
+        self.judge = make_judge(judge, trust_remote_code=trust_remote_code) if judge is not None else None
         self.loaded: tuple[str, object, object, HFGenerator] | None = None
 
     def model(self, path: str):
@@ -76,7 +83,7 @@ class MatrixWorker:
     def answer(self, path: str, prompts: list[str], responses: list[str]) -> tuple[list[str], list[float]]:
         """Greedy answers of the model at `path`, and the safe responses' losses (NaN without the loss score)."""
         model, tok, gen = self.model(path)
-        got = gen.generate(prompts)
+        got = gen.generate(prompts) if self.judge is not None else [""] * len(prompts)
         losses = (response_losses(model, tok, list(zip(prompts, responses, strict=True)), template=self.template,
                                   max_length=self.max_length) if self.with_loss else [float("nan")] * len(prompts))
         return got, losses
@@ -88,7 +95,7 @@ class MatrixWorker:
             rows = [i for i in range(n) if batch["path"][i] == path]
             prompts = [str(batch["prompt"][i]) for i in rows]
             got, losses = self.answer(path, prompts, [str(batch["response"][i]) for i in rows])
-            verdicts = self.judge.judge(prompts, got)
+            verdicts = self.judge.judge(prompts, got) if self.judge is not None else [NOT_JUDGED] * len(rows)
             for j, i in enumerate(rows):
                 answers[i], hs[i], loss[i] = got[j], int(verdicts[j]), losses[j]
         return {"id": batch["id"], "model": batch["model"], "hs": np.array(hs, dtype=np.int8),
@@ -115,7 +122,7 @@ class VLLMMatrixWorker(MatrixWorker):
                                      trust_remote_code=self.trust, settings=self.settings, merge_lora=True)
         else:
             self.gen.serve(path)
-        got = self.gen.generate(prompts)
+        got = self.gen.generate(prompts) if self.judge is not None else [""] * len(prompts)
         losses = (self.gen.response_losses(list(zip(prompts, responses, strict=True)), max_length=self.max_length)
                   if self.with_loss else [float("nan")] * len(prompts))
         return got, losses
@@ -138,9 +145,10 @@ def resolved_judge(cfg: Config) -> JudgeConfig:
 
 
 def worker_kwargs(cfg: Config) -> dict:
-    """The MatrixWorker arguments a config implies."""
+    """The MatrixWorker arguments a config implies (groups.method=loss: no judge, so none is trained either)."""
+    judge = resolved_judge(cfg) if cfg.groups.method == "forgot_num" else None
     return dict(template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens, gen_batch_size=cfg.eval.batch_size,
-                judge=resolved_judge(cfg), threads=cfg.groups.threads_per_actor, max_length=cfg.base.max_length,
+                judge=judge, threads=cfg.groups.threads_per_actor, max_length=cfg.base.max_length,
                 with_loss=cfg.groups.loss_score, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
 
 

@@ -1,5 +1,8 @@
 """`hftlab groups`: base -> alignment (reused) -> proxy runs -> matrix on Ray Data -> group file.
 
+groups.method picks the rule: ForgotNum (generate and judge every row: the paper) or the loss-rise score (one forward
+pass a row, no generation or judge).
+
 The group file (groups.jsonl: id, forgot_num, score, group, ...) is what VAA's alignment reads.
 The whole output directory is written atomically under a key of everything that decides the
 groups (not the actor count or batch sizes, which only change the speed).
@@ -17,7 +20,7 @@ from hftlab.config.loader import digest
 from hftlab.config.schema import Config
 from hftlab.groups.matrix import build_matrix
 from hftlab.groups.proxy import run_proxy
-from hftlab.groups.vulnerability import aggregate, agreement, forgot_num, overlap
+from hftlab.groups.vulnerability import aggregate, agreement, by_loss, forgot_num, overlap
 from hftlab.plan import plan
 from hftlab.stages import base_model, complete_plan, train_stage
 from hftlab.storage import atomic_dir, computed_once
@@ -25,11 +28,13 @@ from hftlab.tracker import Tracker
 
 
 def groups_key(cfg: Config, aligned: str, ids: list[str]) -> str:
+    """Everything that decides the groups; with method=loss the judge and the answers' length do not."""
     g = cfg.groups
-    return digest({"aligned": aligned, "proxies": g.proxies, "rule": g.rule, "at_least": g.at_least,
-                   "loss_score": g.loss_score, "judge": cfg.eval.judge, "max_new_tokens": cfg.eval.max_new_tokens,
-                   "template": cfg.data.template, "ids": ids, "seed": cfg.seed,
-                   **({"backend": g.backend} if g.backend != "hf" else {})})  # vLLM's numerics: its own groups
+    what = ({"rule": g.rule, "at_least": g.at_least, "loss_score": g.loss_score, "judge": cfg.eval.judge,
+             "max_new_tokens": cfg.eval.max_new_tokens} if g.method == "forgot_num" else
+            {"method": g.method, "loss_share": g.loss_share})
+    return digest({"aligned": aligned, "proxies": g.proxies, **what, "template": cfg.data.template, "ids": ids,
+                   "seed": cfg.seed, **({"backend": g.backend} if g.backend != "hf" else {})})  # vLLM's numerics
 
 
 def run_groups(cfg: Config, log=print) -> dict:
@@ -48,7 +53,8 @@ def run_groups(cfg: Config, log=print) -> dict:
                 log(f"[groups] reusing {out}")
         summary = json.loads((out / "summary.json").read_text())
         tracker.metrics({f"groups.{k}": v for k, v in summary.items() if isinstance(v, int | float)})
-        for name in ("groups.jsonl", "forgot_num_hist.png", "category_vulnerability.png", "overlap.md"):
+        for name in ("groups.jsonl", "forgot_num_hist.png", "loss_score_hist.png", "category_vulnerability.png",
+                     "overlap.md"):
             if (out / name).is_file():
                 tracker.artifact(out / name, "groups")
         summary.update(path=str(out), group_file=str(out / "groups.jsonl"), run_id=tracker.run_id)
@@ -65,17 +71,19 @@ def _estimate(cfg: Config, p, aligned: str, tmp: Path, journal: Path, log) -> No
     log(f"[groups] matrix {len(matrix)} rows ({len(runs)} proxies, {sum(map(len, runs))} checkpoints) "
         f"in {matrix_seconds:.1f}s")
     per_proxy = [forgot_num(matrix[matrix["proxy"] == k]) for k in range(len(runs))]
-    groups = aggregate(per_proxy, cfg.groups.rule, cfg.groups.at_least)
+    by_forgetting = cfg.groups.method == "forgot_num"
+    groups = (aggregate(per_proxy, cfg.groups.rule, cfg.groups.at_least) if by_forgetting else
+              by_loss(per_proxy, cfg.groups.loss_share))
     categories = pd.Series({a.id: a.category for a in p.alignment})
     groups["category"] = categories.reindex(groups.index)
     groups = groups.reset_index().rename(columns={"index": "id"})
     (tmp / "groups.jsonl").write_text(groups.to_json(orient="records", lines=True))
     _plots(groups, tmp)
-    if len(per_proxy) > 1:
+    if len(per_proxy) > 1 and by_forgetting:
         _overlap_table(cfg, per_proxy, tmp)
-    summary = {"n_examples": len(groups), "n_vulnerable": int(groups["group"].sum()),
-               "vulnerable_share": float(groups["group"].mean()), "max_forgot_num": int(groups["forgot_num"].max()),
-               "matrix_seconds": matrix_seconds, **agreement(groups)}
+    summary = {"method": cfg.groups.method, "n_examples": len(groups), "n_vulnerable": int(groups["group"].sum()),
+               "vulnerable_share": float(groups["group"].mean()), "matrix_seconds": matrix_seconds,
+               **({"max_forgot_num": int(groups["forgot_num"].max()), **agreement(groups)} if by_forgetting else {})}
     (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
@@ -86,11 +94,19 @@ def _plots(groups: pd.DataFrame, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    counts = groups["forgot_num"].value_counts().sort_index()
-    ax.bar(counts.index.astype(str), counts.to_numpy())
-    ax.set(xlabel="ForgotNum", ylabel="alignment examples", title="ForgotNum histogram")
+    if "forgot_num" in groups:
+        counts = groups["forgot_num"].value_counts().sort_index()
+        ax.bar(counts.index.astype(str), counts.to_numpy())
+        ax.set(xlabel="ForgotNum", ylabel="alignment examples", title="ForgotNum histogram")
+        name = "forgot_num_hist.png"
+    else:  # method=loss
+        ax.hist(groups["score"].dropna(), bins=40)
+        ax.axvline(groups.loc[groups["group"] == 1, "score"].min(), color="k", ls="--", label="vulnerable from here")
+        ax.set(xlabel="loss rise over the proxy checkpoints", ylabel="alignment examples", title="Loss-rise score")
+        ax.legend()
+        name = "loss_score_hist.png"
     fig.tight_layout()
-    fig.savefig(out / "forgot_num_hist.png", dpi=110)
+    fig.savefig(out / name, dpi=110)
     plt.close(fig)
 
     rate = groups.groupby("category")["group"].mean().sort_values()
