@@ -14,10 +14,10 @@ Contenders, each with the whole machine (vLLM's engine binds every core; the loo
   copy is made before, once, as `hftlab groups` caches it, and timed apart);
 - `naive`: the reference code's loop (ChanLiang/VAA's `query`): the model reloaded per checkpoint, HF `generate` on
   one example at a time, judged; on --naive-examples of the examples and every checkpoint, compared by rate;
-- `loss_score`: the same matrix with groups.method=loss: the safe response's loss of every row from the engine's prompt
-  log-probabilities, nothing generated or judged; its rows/s against the pipeline's, the largest gap between the two
-  matrices' losses, and the score's AUROC / Spearman against this matrix's ForgotNum (a bench-size proxy: T
-  checkpoints of `--examples` pairs, not the real stage 1);
+- `loss_score`: the same matrix with groups.method=loss, nothing generated or judged: the safe response's loss of every
+  row from vLLM's prompt log-probabilities and, apart, from one HF forward pass (2 torch threads); each one's rows/s
+  against the pipeline's, the largest gap between its losses and the pipeline's; and the score's AUROC / Spearman
+  against this matrix's ForgotNum (a bench-size proxy: T checkpoints of `--examples` pairs, not the real stage 1);
 - `ray_data_llm` (--ray-data-llm): ray.data.llm's vLLM engine processor, one per model (it binds an engine to one
   model), generation only, the same rows.
 """
@@ -132,15 +132,17 @@ def main_real(args, out, reference_generate) -> None:
         pipeline_s = time.perf_counter() - start
     rows = len(examples) * len(checkpoints)
     assert len(matrix) == rows
-    loss_cfg = replace(vllm_cfg, groups=replace(vllm_cfg.groups, method="loss"))
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        scored = build_matrix(loss_cfg, examples, [checkpoints], Path(tmp) / "m.parquet")
-        loss_s = time.perf_counter() - start
-    assert len(scored) == rows and (scored["answer"] == "").all()
+    loss_s, scored = {}, {}
+    for backend in ("vllm", "hf"):  # the loss alone on each backend: prompt log-probabilities, or one HF forward pass
+        loss_cfg = replace(cfg, groups=replace(cfg.groups, method="loss", backend=backend, threads_per_actor=2))
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            scored[backend] = build_matrix(loss_cfg, examples, [checkpoints], Path(tmp) / "m.parquet")
+            loss_s[backend] = time.perf_counter() - start
+        assert len(scored[backend]) == rows and (scored[backend]["answer"] == "").all()
     groups = aggregate([forgot_num(matrix)])
     by_row = ["checkpoint", "id"]
-    loss_gap = float((scored.set_index(by_row)["loss"] - matrix.set_index(by_row)["loss"]).abs().max())
+    loss_gap = {b: float((m.set_index(by_row)["loss"] - matrix.set_index(by_row)["loss"]).abs().max()) for b, m in scored.items()}
     llm_s = ray_data_llm_seconds(cfg, examples, [served, *checkpoints[1:]]) if args.ray_data_llm else None
     ray.shutdown()
     subset = examples[: args.naive_examples]
@@ -153,11 +155,13 @@ def main_real(args, out, reference_generate) -> None:
         "pipeline_s": round(pipeline_s, 1), "merge_aligned_adapter_s": round(merge_s, 1),
         "pipeline_per_s": sig(pipeline), "naive_per_s": sig(naive), "pipeline_vs_naive": sig(pipeline / naive),
         "answered_share_nonempty": round(float((matrix["answer"].str.len() > 0).mean()), 3),
-        "loss_score": "ray data, 1 actor, groups.backend=vllm, groups.method=loss (no generation, no judge)",
-        "loss_s": round(loss_s, 1), "loss_per_s": sig(rows / loss_s), "loss_vs_pipeline": sig(pipeline_s / loss_s),
-        "loss_max_abs_gap_vs_pipeline": sig(loss_gap, 3), "vulnerable_share": round(float(groups["group"].mean()), 3),
+        "loss_score": "ray data, 1 actor, groups.method=loss (no generation, no judge), on vllm and on hf (2 threads)",
+        **{k: v for b in ("vllm", "hf") for k, v in {
+            f"loss_{b}_s": round(loss_s[b], 1), f"loss_{b}_per_s": sig(rows / loss_s[b]),
+            f"loss_{b}_vs_pipeline": sig(pipeline_s / loss_s[b]), f"loss_{b}_max_abs_gap": sig(loss_gap[b], 3)}.items()},
+        "vulnerable_share": round(float(groups["group"].mean()), 3),
         **{k: round(v, 3) for k, v in agreement(groups).items()},
         **({"ray_data_llm_s": round(llm_s, 1), "ray_data_llm_per_s": sig(rows / llm_s),
             "pipeline_vs_ray_data_llm": round(llm_s / pipeline_s, 2)} if llm_s else {}),
-        "targets": {"pipeline_vs_naive": ">= 10", "loss_vs_pipeline": ">= 10"},
+        "targets": {"pipeline_vs_naive": ">= 10", "loss_vllm_vs_pipeline": ">= 10", "loss_hf_vs_pipeline": ">= 10"},
     }), file=out)
