@@ -60,6 +60,22 @@ def test_loss_grouping_by_hand_and_its_config_checks(smoke):
         smoke("groups.method=loss", "groups.loss_score=false")
 
 
+def test_length_sorted_loss_batches_give_each_rows_own_loss(smoke):
+    """Batched by length, each row's loss is still its own, in the caller's order: equal to one row at a time."""
+    from hftlab.data.toyworld import build_world
+    from hftlab.groups.matrix import response_losses
+    from hftlab.models.loading import load_model
+    from hftlab.pipeline import base_model
+
+    cfg = smoke()
+    model, tok = load_model(base_model(cfg, log=lambda *_: None))
+    world = build_world(cfg.data.toy)
+    pairs = [(a.prompt, a.response * (1 + k % 3)) for k, a in enumerate(world.alignment[:12])]  # lengths differ
+    kw = dict(template=cfg.data.template, max_length=cfg.base.max_length)
+    alone = [response_losses(model, tok, [pair], **kw)[0] for pair in pairs]
+    assert response_losses(model, tok, pairs, batch_size=5, **kw) == pytest.approx(alone, rel=1e-4, abs=1e-5)
+
+
 def test_auroc_and_agreement_by_hand():
     assert auroc(np.array([3.0, 2.0, 1.0, 0.0]), np.array([True, True, False, False])) == 1.0
     assert auroc(np.array([0.0, 1.0]), np.array([True, False])) == 0.0

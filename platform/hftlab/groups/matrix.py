@@ -44,16 +44,20 @@ NOT_JUDGED = -1
 @torch.no_grad()
 def response_losses(model, tokenizer, pairs: list[tuple[str, str]], *, template: str, max_length: int,
                     batch_size: int = 64) -> list[float]:
-    """Mean token cross-entropy of each safe response given its prompt: one forward pass per example."""
+    """Mean token cross-entropy of each safe response given its prompt: one forward pass per example. Rows are
+    batched by length (longest first), so a batch pads to about its own rows' length, not the longest row's."""
     encoded = encode(tokenizer, pairs, template, max_length)
-    out: list[float] = []
-    for start in range(0, len(encoded), batch_size):
-        batch = {k: v.to(model.device) for k, v in collate(encoded[start : start + batch_size], tokenizer.pad_token_id).items()}
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    out = [float("nan")] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = {k: v.to(model.device) for k, v in collate([encoded[i] for i in rows], tokenizer.pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
         labels = batch["labels"][:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
         mask = (labels != -100).float()
-        out += (nll.sum(1) / mask.sum(1).clamp(min=1)).tolist()
+        for i, loss in zip(rows, (nll.sum(1) / mask.sum(1).clamp(min=1)).tolist(), strict=True):
+            out[i] = loss
     return out
 
 
