@@ -33,6 +33,7 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from hftlab.config.errors import ConfigError  # noqa: E402
 from hftlab.config.loader import digest, flatten, to_dict  # noqa: E402
 from hftlab.config.schema import Config  # noqa: E402
+from hftlab.mlflow_store import prepare  # noqa: E402
 from hftlab.storage import atomic_write_text  # noqa: E402
 from hftlab.tracking import ensure_experiment, git_commit, is_rank_zero, orphaned_run, redact, resolve_uri  # noqa: E402
 
@@ -172,6 +173,7 @@ class Tracker:
             log(f"[tracking] MLflow at {redact(self.uri)} is not reachable ({why}): logging into {local} instead "
                 "(tracking.on_error=local)")
             self.uri = local
+        prepare(self.uri, log)  # a new local store appears whole (a kill while MLflow makes it leaves no half store)
         self.client = mlflow.MlflowClient(self.uri)
         mlflow.set_tracking_uri(self.uri)  # so `mlflow.get_run(summary["run_id"])` works after `run()`, as before
         exp_id = ensure_experiment(self.uri, cfg.tracking.experiment or cfg.name)

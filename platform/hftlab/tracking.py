@@ -26,6 +26,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import mlflow  # noqa: E402
 
 from hftlab.config.schema import Config  # noqa: E402
+from hftlab.mlflow_store import prepare  # noqa: E402
 
 
 def resolve_uri(cfg: Config) -> str:
@@ -36,6 +37,12 @@ def resolve_uri(cfg: Config) -> str:
 def default_uri() -> str:
     """$MLFLOW_TRACKING_URI, else a SQLite store in the working directory."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def open_client(uri: str) -> mlflow.MlflowClient:
+    """An MlflowClient on `uri`, once a local store there is whole (mlflow_store.prepare: made atomically if new)."""
+    prepare(uri)
+    return mlflow.MlflowClient(uri)
 
 
 def redact(uri: str) -> str:
@@ -90,7 +97,7 @@ def ensure_experiment(uri: str, name: str) -> str:
 
     New experiments are tagged as model-training ones (`mlflow.experimentKind`), which is what they are.
     """
-    client = mlflow.MlflowClient(uri)
+    client = open_client(uri)
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
@@ -107,7 +114,7 @@ def ensure_experiment(uri: str, name: str) -> str:
 def orphaned_run(uri: str, experiment_id: str, config_hash: str, run_name: str | None) -> tuple[str, str] | None:
     """(run id, its driver) of a top-level run of this config and name left RUNNING by a driver on this host that is
     no longer alive; None if there is none (a live driver's run is never taken: two runs of one config may race)."""
-    client = mlflow.MlflowClient(uri)
+    client = open_client(uri)
     found = client.search_runs([experiment_id], f"tags.`hftlab.config_hash` = '{config_hash}' and attributes.status = "
                                "'RUNNING'", max_results=100, order_by=["attributes.start_time DESC"])
     for run in found:
@@ -134,7 +141,7 @@ def _alive(pid: int) -> bool:
 
 def start_parent(uri: str, experiment: str, run_name: str, tags: dict[str, Any], params: dict[str, Any]) -> str:
     """Create a sweep's parent run (status RUNNING) and return its id; trials nest under it."""
-    client = mlflow.MlflowClient(uri)
+    client = open_client(uri)
     all_tags = {"hftlab.git_commit": git_commit(), "mlflow.runName": run_name, **tags}
     run = client.create_run(ensure_experiment(uri, experiment), run_name=run_name,
                             tags={k: str(v) for k, v in all_tags.items()})
@@ -145,7 +152,7 @@ def start_parent(uri: str, experiment: str, run_name: str, tags: dict[str, Any],
 
 def set_status(uri: str, run_id: str, status: str) -> None:
     """RUNNING (a resumed sweep's parent), FINISHED, FAILED or KILLED."""
-    client = mlflow.MlflowClient(uri)
+    client = open_client(uri)
     if status == "RUNNING":
         client.update_run(run_id, status="RUNNING")
     else:
@@ -153,19 +160,19 @@ def set_status(uri: str, run_id: str, status: str) -> None:
 
 
 def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
-    client = mlflow.MlflowClient(uri)
+    client = open_client(uri)
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value))
 
 
 def log_metrics(uri: str, run_id: str, values: dict[str, float]) -> None:
-    client = mlflow.MlflowClient(uri)
+    client = open_client(uri)
     for key, value in values.items():
         client.log_metric(run_id, key, float(value))
 
 
 def log_artifacts(uri: str, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
-    mlflow.MlflowClient(uri).log_artifacts(run_id, str(local_dir), artifact_path)
+    open_client(uri).log_artifacts(run_id, str(local_dir), artifact_path)
 
 
 def read_artifact_text(uri: str, run_id: str, path: str) -> str | None:
@@ -188,14 +195,14 @@ def _as_dict(run) -> dict:
 
 def get_run(uri: str, run_id: str) -> dict:
     """One run as a plain dict (the fields of `search_runs`)."""
-    return _as_dict(mlflow.MlflowClient(uri).get_run(run_id))
+    return _as_dict(open_client(uri).get_run(run_id))
 
 
 def search_runs(uri: str, experiment: str, filter_string: str = "") -> list[dict]:
     """Every run of `experiment` matching an MLflow filter, oldest first, as plain dicts:
     run_id, run_name, status, start_time, end_time, artifact_uri, params, metrics (latest values), tags.
     An experiment that does not exist has no runs."""
-    client = mlflow.MlflowClient(uri)
+    client = open_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
@@ -210,7 +217,7 @@ def search_runs(uri: str, experiment: str, filter_string: str = "") -> list[dict
 
 
 def experiment_id(uri: str, experiment: str) -> str | None:
-    exp = mlflow.MlflowClient(uri).get_experiment_by_name(experiment)
+    exp = open_client(uri).get_experiment_by_name(experiment)
     return exp.experiment_id if exp else None
 
 
@@ -241,7 +248,7 @@ def register_model(uri: str, run_id: str, artifact_path: str, name: str, tags: d
     our stages are plain HF/peft directories, so the version is created from the artifact URI.
     Returns the version number.
     """
-    client = mlflow.MlflowClient(uri)
+    client = open_client(uri)
     try:
         client.create_registered_model(name, description="hftlab: the best fine-tuned model of a sweep")
     except mlflow.exceptions.MlflowException:
@@ -255,7 +262,7 @@ def register_model(uri: str, run_id: str, artifact_path: str, name: str, tags: d
 
 def model_version(uri: str, name: str, alias: str) -> dict:
     """The version an alias points at: version, run_id, source, tags."""
-    v = mlflow.MlflowClient(uri).get_model_version_by_alias(name, alias)
+    v = open_client(uri).get_model_version_by_alias(name, alias)
     return {"version": str(v.version), "run_id": v.run_id, "source": v.source, "tags": dict(v.tags)}
 
 
@@ -272,5 +279,5 @@ def share_view(uri: str, experiment: str, key: str, columns: list[str], expanded
     state = {"searchFilter": "", "orderByKey": f"metrics.`{order_by}`", "orderByAsc": True,
              "selectedColumns": [f"{kind}.`{name}`" for kind, name in kind_key],
              "runsExpanded": {run_id: True for run_id in expanded}}
-    mlflow.MlflowClient(uri).set_experiment_tag(exp_id, f"mlflow.sharedViewState.{key}", json.dumps(state))
+    open_client(uri).set_experiment_tag(exp_id, f"mlflow.sharedViewState.{key}", json.dumps(state))
     return f"#/experiments/{exp_id}/runs?viewStateShareKey={key}"
