@@ -102,7 +102,8 @@ def stages_of(cfg: Config, accelerator: str = "h100") -> list[Stage]:
     notes: list[str] = []
     base = cfg.base
     n = model_params_b(base.name_or_path, "base.name_or_path", asdict(base.tiny))
-    dtype_bytes, batch, new = BYTES[base.dtype], cfg.eval.batch_size, cfg.eval.max_new_tokens
+    dtype_bytes = BYTES["bfloat16" if base.dtype == "auto" else base.dtype]  # auto: bf16 on the GPUs costed
+    batch, new = cfg.eval.batch_size, cfg.eval.max_new_tokens
     judge = cfg.eval.judge
     judge_b = model_params_b(judge.model, "eval.judge.model") if judge.kind in ("moderation", "llama_guard") and \
         judge.model else 0.0

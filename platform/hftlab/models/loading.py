@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hftlab.config.schema import LoraConfig
+from hftlab.models import precision
 from hftlab.storage import atomic_dir
 
 PARENT_FILE = "hftlab_parent.json"
@@ -25,7 +26,10 @@ def device() -> torch.device:
 
 
 def load_model(name_or_path: str | Path, *, dtype: str = "float32", trust_remote_code: bool = False):
-    """(model, tokenizer) from an HF name, a saved full model or a saved LoRA stage, on `device()`."""
+    """(model, tokenizer) from an HF name, a saved full model or a saved LoRA stage, on `device()`; `dtype` auto
+    resolves to bf16 where the hardware has it (models/precision.py; a model that trains asks for its weights'
+    dtype, precision.weights_for_training)."""
+    dtype = precision.resolve(dtype)
     path = Path(name_or_path)
     if (path / "adapter_config.json").is_file():
         return _load_adapter_stage(path, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -64,9 +68,12 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
 
 def for_training(model: torch.nn.Module, gradient_checkpointing: bool) -> torch.nn.Module:
     """Turn on activation recomputation if asked (HF's non-reentrant checkpointing: it keeps the RNG state, so dropout
-    draws the same masks when a layer is recomputed, and needs no input that requires grad, which LoRA lacks)."""
+    draws the same masks when a layer is recomputed, and needs no input that requires grad, which LoRA lacks).
+    A training forward builds no KV cache (HF's default would, and a step never reads it); generation asks for one
+    itself (generation/hf.py passes use_cache=True)."""
     if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model, "config", None) is not None:
         model.config.use_cache = False
     return model
 

@@ -18,17 +18,19 @@ from hftlab.algorithms.sampler import GroupSampler
 from hftlab.algorithms.vaa import VAAStep
 from hftlab.config.schema import VAAConfig
 from hftlab.faults import NonFiniteError, check_finite
+from hftlab.models import precision
 from hftlab.progress import progress_bar
 from hftlab.training.batches import Pair, batches, encode
 from hftlab.training.checkpoint import Checkpoint, Counted
 from hftlab.training.engine import LocalEngine, Recipe
 
 
-def group_stream(encoded: list, batch_size: int, pad_id: int, seed: int, rank: int = 0, world: int = 1) -> Iterator[dict]:
+def group_stream(encoded: list, batch_size: int, pad_id: int, seed: int, rank: int = 0, world: int = 1,
+                 bucketed: bool = False) -> Iterator[dict]:
     """Endless batches of one group: epoch after epoch of `batches()` (this rank's slices)."""
     epoch = 0
     while True:
-        yield from batches(encoded, batch_size, pad_id, seed, epoch, rank, world)
+        yield from batches(encoded, batch_size, pad_id, seed, epoch, rank, world, bucketed)
         epoch += 1
 
 
@@ -53,16 +55,18 @@ def train_vaa(model: torch.nn.Module, tokenizer, pairs: Sequence[Pair], group_of
               template: str, epochs: int, lr: float, batch_size: int, seed: int, max_length: int,
               weight_decay: float = 0.0, max_grad_norm: float | None = None, lr_scheduler: str = "constant",
               warmup_ratio: float = 0.0, on_step: Callable[[int, dict], None] | None = None,
-              desc: str = "vaa", checkpoint: Checkpoint | None = None) -> dict[str, float]:
+              desc: str = "vaa", checkpoint: Checkpoint | None = None, bucketed: bool = False,
+              autocast: str | None = None) -> dict[str, float]:
     """Train `model` in place with VAA over the groups `group_of` (None = left out); returns loss, steps, seconds.
-    `checkpoint` as in training/loop.py: resumed from, saved to; a NaN or inf stops with NonFiniteError."""
+    `checkpoint`, `bucketed` and `autocast` as in training/loop.py; a NaN or inf stops with NonFiniteError."""
     torch.manual_seed(seed)
     members, step, total = vaa_setup(encode(tokenizer, pairs, template, max_length), group_of, vaa, epochs=epochs,
                                      batch_size=batch_size, seed=seed)
     if total == 0:
         return {"loss": float("nan"), "steps": 0, "seconds": 0.0, "groups": len(members)}
     streams = [Counted(iterator.__next__)
-               for iterator in (group_stream(m, batch_size, tokenizer.pad_token_id, seed + k) for k, m in enumerate(members))]
+               for iterator in (group_stream(m, batch_size, tokenizer.pad_token_id, seed + k, bucketed=bucketed)
+                                 for k, m in enumerate(members))]
 
     def next_batch(group: int) -> dict:
         return {k: v.to(model.device) for k, v in streams[group]().items()}
@@ -78,7 +82,8 @@ def train_vaa(model: torch.nn.Module, tokenizer, pairs: Sequence[Pair], group_of
     with progress_bar(total, desc, initial=done) as bar:
         for n in range(done + 1, total + 1):
             try:
-                stats = step(model, next_batch, engine)
+                with precision.autocast(autocast):
+                    stats = step(model, next_batch, engine)
                 check_finite(stats["loss"], "the loss", n)
             except NonFiniteError as err:
                 kept = f"; its last checkpoint is kept in {checkpoint.directory}" if checkpoint is not None else ""

@@ -10,6 +10,7 @@ import torch
 
 from hftlab.algorithms.sft import sft_step
 from hftlab.faults import NonFiniteError, check_finite
+from hftlab.models import precision
 from hftlab.progress import progress_bar
 from hftlab.training.batches import Pair, batches, encode
 from hftlab.training.checkpoint import Checkpoint
@@ -36,6 +37,8 @@ def train(
     on_step: Callable[[int, dict], None] | None = None,
     desc: str = "train",
     checkpoint: Checkpoint | None = None,
+    bucketed: bool = False,
+    autocast: str | None = None,
 ) -> dict[str, float]:
     """Train `model` in place; returns the final epoch's mean loss, step count and seconds.
 
@@ -44,6 +47,8 @@ def train(
     follows the recipe (weight decay, clipping to max_grad_norm, lr schedule with warmup: training/engine.py).
     `checkpoint`: resume from its latest state and save one every `checkpoint.every` steps (training/checkpoint.py).
     A NaN or inf loss or gradient stops training with NonFiniteError naming `desc` and the step.
+    `bucketed`: batches of rows of like length (training/batches.epoch_order); `autocast`: the step's forward and
+    backward under bf16 autocast (models/precision.py), the weights and optimizer state staying as they are.
     """
     torch.manual_seed(seed)
     encoded = encode(tokenizer, pairs, template, max_length)
@@ -58,13 +63,14 @@ def train(
     with progress_bar(total, desc, initial=step) as bar:
         while step < total:
             skip, epoch_losses = (step % per_epoch, epoch_losses) if step % per_epoch else (0, [])
-            for batch in batches(encoded, batch_size, tokenizer.pad_token_id, seed, epoch):
+            for batch in batches(encoded, batch_size, tokenizer.pad_token_id, seed, epoch, bucketed=bucketed):
                 if skip:  # resumed mid-epoch: the batches this epoch had already trained on
                     skip -= 1
                     continue
                 batch = {k: v.to(model.device) for k, v in batch.items()}
                 try:
-                    stats = step_fn(model, batch, engine)
+                    with precision.autocast(autocast):
+                        stats = step_fn(model, batch, engine)
                     check_finite(stats["loss"], "the loss", step + 1)
                 except NonFiniteError as err:
                     kept = f"; its last checkpoint is kept in {checkpoint.directory}" if checkpoint is not None else ""

@@ -27,6 +27,7 @@ import torch
 
 from hftlab.config.errors import ConfigError
 from hftlab.config.schema import AlignConfig, FinetuneConfig
+from hftlab.models import precision
 from hftlab.training.batches import Pair, batches, encode
 from hftlab.training.checkpoint import Counted
 
@@ -73,14 +74,15 @@ def _setup(config: dict, rank: int, world: int):
     if config.get("side"):
         side_enc = encode(tokenizer, config["side"], config["template"], config["max_length"])
         side = Counted(side_stream(side_enc, side_batch_size(stage), pad, config["seed"], device, rank, world,
-                                    paired=side_paired(stage)))
+                                    paired=side_paired(stage), bucketed=stage.batching == "bucketed"))
     if stage.method == "vaa":
         from hftlab.training.grouped import group_stream, vaa_setup
 
         members, step, total = vaa_setup(encoded, config["groups"], stage.vaa, epochs=stage.epochs,
                                          batch_size=stage.batch_size, seed=config["seed"],
                                          loss_fn=token_sum_loss, reduce_fn=_mean_over_ranks)
-        streams = [group_stream(m, stage.batch_size, pad, config["seed"] + k, rank, world) for k, m in enumerate(members)]
+        streams = [group_stream(m, stage.batch_size, pad, config["seed"] + k, rank, world, stage.batching == "bucketed")
+                   for k, m in enumerate(members)]
         readers = [Counted(lambda s=s: {k: v.to(device) for k, v in next(s).items()}) for s in streams]
     else:
         # SafeGrad's KL reference is the aligned parent: under LoRA the adapter switched off (also after a resume);
@@ -111,7 +113,8 @@ def _load(config: dict, stage: AlignConfig | FinetuneConfig, ckpt_dir: str | Non
     """
     from hftlab.models.loading import add_lora, load_model
 
-    opts = {"dtype": config.get("dtype", "float32"), "trust_remote_code": config.get("trust_remote_code", False)}
+    opts = {"dtype": precision.weights_for_training(config.get("dtype", "float32")),
+            "trust_remote_code": config.get("trust_remote_code", False)}
     if not stage.lora.enabled:
         return load_model(ckpt_dir or config["parent"], **opts)
     model, tokenizer = load_model(config["parent"], **opts)
@@ -133,21 +136,25 @@ def loop_per_worker(config: dict[str, Any]) -> None:
     stage: AlignConfig | FinetuneConfig = config["stage"]
     model, tokenizer, engine, step, encoded, readers, side, total, done = _setup(config, rank, world)
     resumed_at = done
+    cast = precision.autocast_dtype(config.get("dtype", "float32"))  # bf16 autocast under base.dtype=auto
     model.train()
     per_epoch = max(math.ceil(len(encoded) / stage.batch_size), 1)
     main = None
     last = float("nan")
     while done < total:
         if stage.method == "vaa":
-            stats = step(model, lambda g: readers[g](), engine)
+            with precision.autocast(cast):
+                stats = step(model, lambda g: readers[g](), engine)
         else:
             if main is None or done % per_epoch == 0:  # (re)open the epoch the step falls in, skip what was done
                 epoch = done // per_epoch
-                main = batches(encoded, stage.batch_size, tokenizer.pad_token_id, config["seed"], epoch, rank, world)
+                main = batches(encoded, stage.batch_size, tokenizer.pad_token_id, config["seed"], epoch, rank, world,
+                               stage.batching == "bucketed")
                 for _ in range(done % per_epoch):
                     next(main)
             batch = {k: v.to(next(model.parameters()).device) for k, v in next(main).items()}
-            stats = step(model, batch, engine)
+            with precision.autocast(cast):
+                stats = step(model, batch, engine)
         done, last = done + 1, stats["loss"]
         if config.get("fail_at_step") == done and resumed_at == 0:  # test hook: crash once, mid-run
             raise RuntimeError(f"injected failure at step {done}")
