@@ -180,3 +180,25 @@ def test_the_real_files_still_load(name):
         assert len(load_task("alpaca", str(path), "finetune.train_source", test=False)) > 100
     else:
         assert len(load_pairs(str(path), "data.alignment_source", safe=False)) > 100
+
+
+TEN_MB = b'{"prompt": "' + b"x" * (10 * 2**20) + b'", "response": "y", "is_safe": false, "category": "c"}\n'
+
+
+@pytest.mark.parametrize("loader", ["beavertails", "labeled", "prompts", "safe prompts", "groups", "task"])
+def test_a_10_mb_line_is_one_line_naming_the_file_and_the_line(tmp_path, loader):
+    """A 10 MB line (a broken or hostile file) in every JSON-lines reader: one ConfigError line, no traceback."""
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"prompt": "p", "response": "r", "is_safe": true, "category": "c"}\n' + TEN_MB)
+    calls = {"beavertails": lambda: load_pairs(str(path), "data.alignment_source", safe=False),
+             "labeled": lambda: load_labeled([str(path)], "eval.judge.train.corpus"),
+             "prompts": lambda: load_prompt_set(str(path), str(path.parent)),
+             "safe prompts": lambda: load_safe_set(str(path), str(path.parent)),
+             "groups": lambda: read_groups(str(path)),
+             "task": lambda: load_task("alpaca", str(path), "finetune.train_source", test=False)}
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        calls[loader]()
+    message = str(err.value)
+    assert str(path) in message and "line 2 is 10.0 MB" in message and "\n" not in message, message[:300]
+    assert snapshot(tmp_path) == before
