@@ -119,29 +119,37 @@ def test_a_store_that_is_not_whole_but_holds_runs_is_refused_with_one_line(tmp_p
 
 def test_a_driver_killed_while_the_new_store_is_made_reruns_to_an_uninterrupted_runs_metrics(tmp_path, tiny_cache):
     """SIGKILL `hftlab run configs/smoke.yaml output_dir=D tracking.tracking_uri=sqlite:///D.db` mid-creation."""
-    common = [f"cache_dir={tiny_cache}"]
+    common = [f"cache_dir={tiny_cache}", "align.epochs=1", "finetune.epochs=1", "finetune.n=200", "eval.max_new_tokens=8",
+              "base.tiny.pretrain_epochs=1"]  # a small run: the whole test in about a minute on 2 idle cores
     ref_dir = tmp_path / "uninterrupted"
     ref_dir.mkdir()
     ref_uri = f"sqlite:///{ref_dir / 'D.db'}"
-    ref = _run([*common, f"output_dir={ref_dir / 'D'}", f"tracking.tracking_uri={ref_uri}"], ref_dir / "log")
-    assert ref.wait(timeout=600) == 0, (ref_dir / "log").read_text()
-    expected = _metrics(ref_uri)["metrics"]
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(_run([*common, f"output_dir={ref_dir / 'D'}", f"tracking.tracking_uri={ref_uri}"], ref_dir / "log"))
+        assert procs[-1].wait(timeout=900) == 0, (ref_dir / "log").read_text()
+        expected = _metrics(ref_uri)["metrics"]
 
-    work = tmp_path / "killed"
-    work.mkdir()
-    db = work / "D.db"
-    args = [*common, f"output_dir={work / 'D'}", f"tracking.tracking_uri=sqlite:///{db}"]
-    proc = _run(args, work / "log1")
-    end = time.time() + 300
-    while not any(t.stat().st_size > 200_000 for t in work.glob(".D.db.tmp-*") if t.exists()):  # migrations under way
-        assert proc.poll() is None and time.time() < end, (work / "log1").read_text()
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not db.exists()  # the store did not appear half-made: it is not there at all
-    assert list(work.glob(".D.db.tmp-*"))  # what the killed creation left, beside it
-    proc = _run(args, work / "log2")
-    assert proc.wait(timeout=600) == 0, (work / "log2").read_text()
+        work = tmp_path / "killed"
+        work.mkdir()
+        db = work / "D.db"
+        args = [*common, f"output_dir={work / 'D'}", f"tracking.tracking_uri=sqlite:///{db}"]
+        procs.append(_run(args, work / "log1"))
+        end = time.time() + 300
+        while not any(t.stat().st_size > 200_000 for t in work.glob(".D.db.tmp-*") if t.exists()):  # migrating
+            assert procs[-1].poll() is None and time.time() < end, (work / "log1").read_text()
+            time.sleep(0.002)
+        os.kill(procs[-1].pid, signal.SIGKILL)
+        procs[-1].wait()
+        assert not db.exists()  # the store did not appear half-made: it is not there at all
+        assert list(work.glob(".D.db.tmp-*"))  # what the killed creation left, beside it
+        procs.append(_run(args, work / "log2"))
+        assert procs[-1].wait(timeout=900) == 0, (work / "log2").read_text()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     got = _metrics(f"sqlite:///{db}")
     assert got["status"] == "FINISHED" and state(db) is None
     assert not list(work.glob(".D.db.tmp-*"))

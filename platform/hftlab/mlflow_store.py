@@ -160,8 +160,8 @@ def prepare(uri: str, log=print) -> None:
                 if held:
                     what = ", ".join(f"{k}: {n}" for k, n in held.items())
                     raise ConfigError("tracking.tracking_uri", uri, f"the MLflow store {path} is not whole ({why}) "
-                                      f"and holds {what}, so hftlab leaves it as it is: back it up, then run `mlflow "
-                                      f"db upgrade {PREFIX}{path}`, or move it aside to start a new store")
+                                      f"and holds {what}, so hftlab leaves it as it is: back it up, then run 'mlflow "
+                                      f"db upgrade {PREFIX}{path}', or move it aside to start a new store")
                 log(f"[tracking] the MLflow store {path} was not whole ({why}); it held no runs: made it again")
                 _build(path, uri)
     _READY.add(str(path))
