@@ -74,14 +74,40 @@ def _real_model_or_skip() -> str:
 def test_generation_bench_prints_one_json_line_of_ratios():
     _real_model_or_skip()
     out = subprocess.run([sys.executable, "jobs/bench/generation.py", "--prompts", "4", "--new-tokens", "8", "--batch-size", "4",
-                          "--repeats", "1", "--threads", "1"], cwd=REPO, capture_output=True, text=True, timeout=600, check=True)
+                          "--repeats", "1", "--threads", "1", "--no-reserved"], cwd=REPO, capture_output=True, text=True,
+                         timeout=600, check=True)
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 1, out.stdout
     row = json.loads(lines[0])
     assert row["bench"] == "generation" and row["prompts"] == 4 and row["vllm_start_s"] > 0
     assert all(row[f"{k}_tokens_per_s"] > 0 for k in ("vllm", "hf_generate", "hf_ours"))
     assert row["vllm_vs_hf_generate"] == pytest.approx(row["vllm_tokens_per_s"] / row["hf_generate_tokens_per_s"], abs=0.01)
-    assert 0.5 <= row["identical_share_vs_hf_generate"] <= 1.0
+    assert 0.5 <= row["identical_share_vllm_vs_hf_generate"] <= 1.0
+    # the ceilings, and each rate as a share of its dtype's: tokens/s x 2 x parameters over the ceiling's FLOP/s
+    assert row["ceiling_decode_float32_gflops"] > 1 and 0 < row["hf_ours_ceiling_share"] < 1
+    assert row["vllm_ceiling_share"] / row["hf_ours_ceiling_share"] == pytest.approx(
+        row["vllm_tokens_per_s"] / row["hf_ours_tokens_per_s"], rel=0.02)
+    assert ("identical_share_bf16_vs_fp32_hf" in row) == row["bf16_cpu"]
+
+
+@pytest.mark.slow
+def test_training_bench_prints_one_json_line_of_rates_and_ratios():
+    _real_model_or_skip()
+    out = subprocess.run([sys.executable, "jobs/bench/training.py", "--rows", "8", "--batch-size", "4", "--max-length", "48",
+                          "--threads", "1", "--rounds", "1"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                         check=True)
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1, out.stdout
+    row = json.loads(lines[0])
+    assert row["bench"] == "training" and row["steps"] == 2
+    assert row["ceiling_train_float32_gflops"] > 1 and row["sft_fp32_bucketed_padding_share"] <= \
+        row["sft_fp32_padded_padding_share"]
+    fast = "bf16" if row["bf16_cpu"] else "fp32"  # the dtype base.dtype=auto trains in here
+    assert row["bucketed_vs_padded"] == pytest.approx(
+        row[f"sft_{fast}_bucketed_tokens_per_s"] / row[f"sft_{fast}_padded_tokens_per_s"], abs=0.01)
+    assert row["vaa_mean_backward"] >= 1 and row["safegrad_k4_mean_backward"] >= 1 and row["vaa_vs_sft"] > 0
+    assert set(row["safegrad_k4_ms_per_step"]) == {"probe_grad", "backward", "step", "rest"}
+    assert row["safegrad_k4_ms_per_step"]["probe_grad"] > 0  # its first step takes the alignment gradient
 
 
 @pytest.mark.slow

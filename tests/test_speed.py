@@ -90,3 +90,26 @@ def test_training_under_bf16_autocast_follows_the_fp32_loss_curve(smoke):
     fp32, bf16 = curves[None], curves["bfloat16"]
     assert len(fp32) == len(bf16) == 16 and fp32[-1] < 0.8 * fp32[0]  # it trained
     assert max(abs(a - b) / a for a, b in zip(fp32, bf16, strict=True)) < 0.05
+
+
+def test_recompute_every_second_layer_checkpoints_half_the_layers_and_keeps_the_gradient(smoke):
+    """recompute_every_n_layers=2 marks layers 0, 2, ... for recomputation and none else; the gradient is the plain one
+    (checkpointing changes memory and time, not the numbers); a training forward builds no KV cache."""
+    from hftlab.models.loading import for_training
+
+    cfg = smoke()
+    base = base_model(cfg, log=lambda *a: None)
+    enc = [(list(range(5, 25)), 4), (list(range(7, 19)), 3)]
+    batch = next(batches(enc, 2, 0, 0))
+    grads = {}
+    for every in (0, 1, 2):
+        model, _ = load_model(base, dtype="float32")
+        model = for_training(model, every > 0, max(every, 1)).train()
+        if every:
+            layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+            assert [m.gradient_checkpointing for m in layers] == [i % every == 0 for i in range(len(layers))]
+        assert model.config.use_cache is False
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        out.loss.backward()
+        grads[every] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)

@@ -91,7 +91,7 @@ def _train(cfg: Config, kind: str, parent: str, pairs, tracker: Tracker, log, gr
                                   trust_remote_code=cfg.base.trust_remote_code)
     if stage_cfg.lora.enabled:
         model = add_lora(model, stage_cfg.lora)
-    model = for_training(model, cfg.base.gradient_checkpointing)
+    model = for_training(model, cfg.base.gradient_checkpointing, cfg.base.recompute_every_n_layers)
     ckpt = Checkpoint(out.parent / f".ckpt-{out.name}", stage_cfg.checkpoint_every, log)
     history: list[dict] = []
 

@@ -51,7 +51,7 @@ def _train_proxy(cfg: Config, proxy: ProxyConfig, aligned_dir: str, pairs: list,
     names = [f"ckpt-{i + 1}" for i in range(len(at))]
     model, tokenizer = load_model(aligned_dir, dtype=precision.weights_for_training(cfg.base.dtype),
                                   trust_remote_code=cfg.base.trust_remote_code)
-    model = for_training(model, cfg.base.gradient_checkpointing)
+    model = for_training(model, cfg.base.gradient_checkpointing, cfg.base.recompute_every_n_layers)
     work = out.parent / f".partial-{out.name}"
     state = Checkpoint(out.parent / f".ckpt-{out.name}", every, log)
 

@@ -66,12 +66,15 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     return get_peft_model(model, peft_cfg)
 
 
-def for_training(model: torch.nn.Module, gradient_checkpointing: bool) -> torch.nn.Module:
+def for_training(model: torch.nn.Module, gradient_checkpointing: bool, every_n_layers: int = 1) -> torch.nn.Module:
     """Turn on activation recomputation if asked (HF's non-reentrant checkpointing: it keeps the RNG state, so dropout
     draws the same masks when a layer is recomputed, and needs no input that requires grad, which LoRA lacks).
     A training forward builds no KV cache (HF's default would, and a step never reads it); generation asks for one
-    itself (generation/hf.py passes use_cache=True)."""
-    if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+    itself (generation/hf.py passes use_cache=True). `every_n_layers`: recompute one decoder layer in n (transformers'
+    every_n_layers), the others keep their activations."""
+    if gradient_checkpointing and hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=every_n_layers)
+    elif gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
