@@ -202,3 +202,26 @@ def test_a_10_mb_line_is_one_line_naming_the_file_and_the_line(tmp_path, loader)
     message = str(err.value)
     assert str(path) in message and "line 2 is 10.0 MB" in message and "\n" not in message, message[:300]
     assert snapshot(tmp_path) == before
+
+
+def test_a_model_that_needs_its_own_code_is_one_line_naming_base_trust_remote_code(tmp_path):
+    """A model directory whose config maps to code in the directory (`auto_map`): refused with one line naming the
+    setting, and its code never runs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from hftlab.models.loading import load_model
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "hi": 1}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>").save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "hftlab-custom", "architectures": ["CustomForCausalLM"],
+        "auto_map": {"AutoConfig": "custom.CustomConfig", "AutoModelForCausalLM": "custom.CustomForCausalLM"}}))
+    ran = tmp_path / "the-custom-code-ran"
+    (tmp_path / "custom.py").write_text(f"open({str(ran)!r}, 'w').close()\n")
+    with pytest.raises(ConfigError) as err:
+        load_model(tmp_path)
+    message = str(err.value)
+    assert err.value.field == "base.trust_remote_code" and str(tmp_path) in message and "\n" not in message, message
+    assert "base.trust_remote_code=true" in message and not ran.exists()

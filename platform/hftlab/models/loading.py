@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hftlab.config.errors import ConfigError
 from hftlab.config.schema import LoraConfig
 from hftlab.models import precision
 from hftlab.storage import atomic_dir
@@ -33,12 +34,18 @@ def load_model(name_or_path: str | Path, *, dtype: str = "float32", trust_remote
     path = Path(name_or_path)
     if (path / "adapter_config.json").is_file():
         return _load_adapter_stage(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=getattr(torch, dtype),
+                                                     trust_remote_code=trust_remote_code)
+    except ValueError as err:  # transformers' words run to several lines and never name our setting
+        if trust_remote_code or "trust_remote_code" not in str(err):
+            raise
+        raise ConfigError("base.trust_remote_code", False, f"{name_or_path} ships its own model code, which runs only "
+                          "with base.trust_remote_code=true: read that code, then set it if you trust it") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        str(name_or_path), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
-    ).to(device())
+    model = model.to(device())
     model.eval()
     return model, tokenizer
 
