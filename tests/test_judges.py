@@ -286,3 +286,51 @@ def test_refusal_detector_on_xstest_models_it_was_not_tuned_on():
     assert ours["all"]["accuracy"] > keywords["all"]["accuracy"] + 0.05  # measured 0.751
     assert ours["safe_prompts"]["false_refusal"] <= 0.10
     assert RefusalDetector().refused(["", "Sure: kill -9 <PID>.", "It's not appropriate to ask that."]) == [True, False, True]
+
+
+@pytest.mark.slow
+def test_a_killed_judge_training_resumes_to_the_judge_an_uninterrupted_one_writes(smoke, tmp_path, toy_lm):
+    """SIGKILL the judge's training mid fine-tuning (a state saved every step, judges/resume.py); the rerun resumes
+    from the saved step, and its judge is bit for bit the one an uninterrupted training writes in another cache."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from tests.conftest import REPO
+
+    args = [f"data.split.sources=[{toy_rows(tmp_path, smoke)}]", "data.split.hs_test=20", "eval.judge.kind=trained",
+            f"eval.judge.train.base={toy_lm}", "eval.judge.train.train_layers=1", "eval.judge.train.epochs=12",
+            "eval.judge.train.batch_size=32", "eval.judge.train.max_length=48", "eval.judge.train.max_prompt_tokens=24"]
+    args_killed = [*args, "eval.judge.train.checkpoint_every=1"]
+    killed = smoke(*args_killed, f"cache_dir={tmp_path / 'killed'}")
+    script = ("import json, sys\nfrom hftlab.config import load_config\nfrom hftlab.judges.trained import ensure_trained_judge\n"
+              "ensure_trained_judge(load_config(sys.argv[1], json.loads(sys.argv[2])), log=lambda *a: None)\n")
+    overrides = [f"cache_dir={tmp_path / 'killed'}", f"output_dir={tmp_path / 'out'}", *args_killed]
+    proc = subprocess.Popen([sys.executable, "-c", script, str(REPO / "configs" / "smoke.yaml"), json.dumps(overrides)],
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO / "platform")})
+    rows = train_rows(killed)
+    path = judge_path(killed, rows, str(toy_lm))
+    state = path.parent / f".ckpt-{path.name}" / "state.pt"
+    deadline = time.time() + 300
+    while not state.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.is_file() and not (path / "judge.json").exists(), "the kill landed after the training ended"
+    step = torch.load(state, weights_only=False)["step"]
+    logs: list[str] = []
+    assert ensure_trained_judge(killed, log=logs.append) == path
+    assert any(f"resuming from step {step}" in line for line in logs)
+    assert not state.parent.exists()  # the resume state goes once the judge is saved
+    # the uninterrupted one saves no state (checkpoint_every=0): not in the key, it changes no weight
+    whole = ensure_trained_judge(smoke(*args, "eval.judge.train.checkpoint_every=0", f"cache_dir={tmp_path / 'whole'}"),
+                                 log=lambda *a: None)
+    resumed, uninterrupted = load_file(str(path / "trained.safetensors")), load_file(str(whole / "trained.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    losses = [json.loads((p / "judge.json").read_text())["stats"]["epoch_losses"] for p in (path, whole)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-9) and len(losses[0]) == 12

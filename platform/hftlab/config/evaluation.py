@@ -69,6 +69,9 @@ class TrainedJudgeConfig:
     """Weight of the auxiliary loss on the 14 harm-category flags (0: the safe/unsafe label only)."""
     seed: int = 0
     """Seed of the head's initialisation and the batch order."""
+    checkpoint_every: int = 50
+    """Save the fine-tuning's state every N optimizer steps beside the judge's cache, so a killed training continues
+    from there (judges/resume.py; 0: never). It changes no result, so it is not in the judge's cache key."""
 
     def __post_init__(self) -> None:
         check(bool(self.base.strip()), "base", self.base, "must not be empty")
@@ -79,6 +82,7 @@ class TrainedJudgeConfig:
               f"must be in (0, {self.max_length}) (max_length)")
         check(self.layers is None or self.layers > 0, "layers", self.layers, "must be > 0")
         check(self.train_layers >= 0, "train_layers", self.train_layers, "must be >= 0")
+        check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "must be >= 0 (0: never)")
         check(self.layers is None or self.train_layers <= self.layers, "train_layers", self.train_layers,
               f"must be <= layers ({self.layers})")
         check(self.probe_l2 > 0, "probe_l2", self.probe_l2, "must be > 0")

@@ -27,6 +27,7 @@ from hftlab.config.schema import Config, JudgeConfig, TrainedJudgeConfig
 from hftlab.data.splits import LabeledRow
 from hftlab.judges.classifier import JudgeNet, fit_probe
 from hftlab.judges.labels import HARM_CATEGORIES, category_flags, train_rows
+from hftlab.judges.resume import JudgeResume, restore, snapshot
 from hftlab.models import precision
 from hftlab.models.loading import device
 from hftlab.progress import progress_bar
@@ -94,7 +95,8 @@ def judge_path(cfg: Config, rows: list[LabeledRow], base: str) -> Path:
     from hftlab.models.tiny import cache_root
 
     weights = Path(base).name if Path(base).is_dir() else base  # a converted named model's name holds its GGUF digest
-    key = digest({"train": cfg.eval.judge.train, "base": weights, "version": VERSION,
+    train = {k: v for k, v in to_dict(cfg.eval.judge.train).items() if k != "checkpoint_every"}  # changes no result
+    key = digest({"train": train, "base": weights, "version": VERSION,
                   "rows": [(r.id, r.is_safe, r.category) for r in rows]})
     return cache_root(cfg) / "judges" / f"trained-{key}"
 
@@ -107,9 +109,11 @@ def ensure_trained_judge(cfg: Config, log=print) -> Path:
     with computed_once(out, (out / META).is_file, log) as todo:  # two runs at once: one trains, one waits
         if todo:
             log(f"[judge] training on {len(rows)} labeled rows ({sum(not r.is_safe for r in rows)} unsafe) -> {out}")
+            resume = JudgeResume(out.parent / f".ckpt-{out.name}", cfg.eval.judge.train.checkpoint_every, log)
             with atomic_dir(out) as tmp:
-                stats = train_judge(cfg.eval.judge.train, rows, base, tmp)
-                log(f"[judge] trained in {stats['train_seconds']:.0f}s, final epoch loss {stats['final_loss']:.4f}")
+                stats = train_judge(cfg.eval.judge.train, rows, base, tmp, resume)
+            resume.clear()
+            log(f"[judge] trained in {stats['train_seconds']:.0f}s, final epoch loss {stats['final_loss']:.4f}")
     return out
 
 
@@ -144,8 +148,10 @@ def _batches_of(net: JudgeNet, ids: list[list[int]], lower: list[torch.Tensor] |
     return net.lower(x.to(dev), m), m
 
 
-def train_judge(tcfg: TrainedJudgeConfig, rows: list[LabeledRow], base: str, out: Path) -> dict:
-    """Probe, then fine-tune the top `train_layers` layers and the head on `rows`; write the judge into `out`."""
+def train_judge(tcfg: TrainedJudgeConfig, rows: list[LabeledRow], base: str, out: Path,
+                resume: JudgeResume | None = None) -> dict:
+    """Probe, then fine-tune the top `train_layers` layers and the head on `rows`; write the judge into `out`.
+    `resume`: continue a killed training from its saved state, and save it as training goes (judges/resume.py)."""
     start = time.time()
     torch.manual_seed(tcfg.seed)
     dtype = resolve_dtype(tcfg.dtype)
@@ -162,8 +168,11 @@ def train_judge(tcfg: TrainedJudgeConfig, rows: list[LabeledRow], base: str, out
     keep = sum(lengths) * hidden * store.itemsize <= CACHE_LOWER_BYTES and net.split < net.layers  # else recomputed each epoch
     if keep:
         lower = [torch.empty(0)] * len(rows)
-    batches = length_batches(lengths, tcfg.batch_size)
-    with progress_bar(len(batches), "judge: frozen layers") as bar, torch.no_grad(), autocast(dtype):  # the probe's input
+    saved = resume.load() if resume is not None else None
+    # the frozen pass gives the probe's input (and fills the cache): resumed, the probe is replaced by the saved head,
+    # so without a cache to fill it is skipped
+    batches = length_batches(lengths, tcfg.batch_size) if saved is None or keep else []
+    with progress_bar(len(batches), "judge: frozen layers") as bar, torch.no_grad(), autocast(dtype):
         for idx in batches:
             h, m = _batches_of(net, ids, None, idx, pad)
             feats[idx] = net.features(h, m).float().cpu()
@@ -171,12 +180,13 @@ def train_judge(tcfg: TrainedJudgeConfig, rows: list[LabeledRow], base: str, out
                 for j, i in enumerate(idx):
                     lower[i] = h[j, : lengths[i]].to("cpu", store).clone()
             bar.update(1)
-    fit_probe(net.head, feats, targets, tcfg.probe_l2, tcfg.aux_weight)
+    if saved is None:
+        fit_probe(net.head, feats, targets, tcfg.probe_l2, tcfg.aux_weight)
     probe_seconds = time.time() - start
     epochs = tcfg.epochs if net.split < net.layers else 0  # nothing but the head to train: the probe is the fit
     losses: list[float] = []
     if epochs:
-        losses = _fine_tune(net, tcfg, ids, lower, targets, lengths, pad, epochs, dtype)
+        losses = _fine_tune(net, tcfg, ids, lower, targets, lengths, pad, epochs, dtype, resume, saved)
     seconds = time.time() - start
     save_file({k: v.contiguous().cpu() for k, v in net.trained_state().items()}, str(out / WEIGHTS))
     stats = {"rows": len(rows), "unsafe_rows": sum(not r.is_safe for r in rows), "train_seconds": seconds,
@@ -193,8 +203,9 @@ def train_judge(tcfg: TrainedJudgeConfig, rows: list[LabeledRow], base: str, out
 
 
 def _fine_tune(net: JudgeNet, tcfg: TrainedJudgeConfig, ids, lower, targets, lengths, pad, epochs: int,
-               dtype: str = "float32") -> list[float]:
-    """AdamW on the top layers, the final norm and the head; returns the mean loss per epoch."""
+               dtype: str = "float32", resume: JudgeResume | None = None, saved: dict | None = None) -> list[float]:
+    """AdamW on the top layers, the final norm and the head; returns the mean loss per epoch. `saved`: a killed run's
+    state (judges/resume.py): its weights, optimizer and schedule, and the steps it took are skipped."""
     dev = device()
     rng = random.Random(tcfg.seed)
     body = [p for n, p in net.named_parameters() if p.requires_grad and not n.startswith("head.")]
@@ -206,11 +217,17 @@ def _fine_tune(net: JudgeNet, tcfg: TrainedJudgeConfig, ids, lower, targets, len
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
     bce = torch.nn.BCEWithLogitsLoss()
     net.train()
-    losses = []
-    with progress_bar(total, "judge: fine-tune") as bar:
-        for _ in range(epochs):
-            epoch_loss = 0.0
-            for idx in length_batches(lengths, tcfg.batch_size, rng):
+    losses, step, epoch_loss, first = [], 0, 0.0, 0
+    if saved is not None:
+        losses, step, epoch_loss, first = restore(saved, net, opt, sched, rng)
+    with progress_bar(total, "judge: fine-tune", initial=step) as bar:
+        for epoch in range(first, epochs):
+            at_start = rng.getstate()  # the epoch's batch order is drawn from here
+            order = length_batches(lengths, tcfg.batch_size, rng)
+            done_here = step - epoch * len(order)
+            if not done_here:
+                epoch_loss = 0.0
+            for idx in order[done_here:]:
                 h, m = _batches_of(net, ids, lower, idx, pad)
                 y = targets[idx].to(dev)
                 with autocast(dtype):
@@ -222,8 +239,12 @@ def _fine_tune(net: JudgeNet, tcfg: TrainedJudgeConfig, ids, lower, targets, len
                 opt.step()
                 sched.step()
                 epoch_loss += loss.item() * len(idx)
+                step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+                if resume is not None:
+                    resume.maybe_save(step, total, lambda s=step, e=epoch, a=at_start, el=epoch_loss:
+                                      snapshot(s, e, a, el, losses, net, opt, sched))
             losses.append(epoch_loss / len(ids))
     net.eval()
     return losses
