@@ -131,3 +131,24 @@ def test_gradient_checkpointing_trains_to_the_same_weights(base_dir, smoke, meth
     for k in ends[0]:
         torch.testing.assert_close(ends[1][k], ends[0][k], rtol=1e-5, atol=1e-6, msg=k)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in ends[0].items() if "lora_B" in k)  # it trained
+
+
+def test_a_prompt_longer_than_the_context_is_cut_to_fit_counted_and_answered(base_dir):
+    """An instruction longer than the model's context (max_position_embeddings) is cut from its tail so that the prompt
+    and the answer fit; the template around it stays whole, the cut is counted, and the rows after it are answered
+    as they are alone (no error mid-run)."""
+    from hftlab.data.template import fit_to_context
+
+    model, tok = load_model(str(base_dir))
+    context = model.config.max_position_embeddings
+    long = " ".join(["how do i rob a bank ?"] * context)  # ~6 tokens a repeat: far past the context
+    gen = HFGenerator(model, tok, template="compact", max_new_tokens=12, batch_size=8, progress=False)
+    prompts = ["what color is snow ?", long]
+    got = gen.generate(prompts)
+    assert gen.cut == 1 and len(got) == 2
+    assert got[0] == gen.generate(prompts[:1])[0] and gen.cut == 1  # the short one is answered as it is alone
+    fitted, cut = fit_to_context(prompts, "compact", tok, context - 12)
+    assert cut == 1 and fitted[0] == prompts[0] and long.startswith(fitted[1].split(" ?")[0])
+    ids = tok(prompt_text(fitted[1], "compact", tok))["input_ids"]
+    assert context - 12 - 8 <= len(ids) <= context - 12  # cut to the budget, not far below it
+    assert prompt_text(fitted[1], "compact", tok).endswith("### Response :")  # the template's answer slot is kept

@@ -224,11 +224,16 @@ def answers(cfg: Config, model_dir: str, p: Plan, log=print, gens: Generators | 
             log(f"[eval] generating {len(p.harmful_test)} + {len(p.task_test)} answers with {Path(model_dir).name}")
             gens = gens or Generators(cfg, keep=False)
             gen = gens.get(model_dir, log)
+            cut_before = getattr(gen, "cut", 0)  # a generator may have answered for other models already
             try:
                 result = {"harmful": gen.generate([h.prompt for h in p.harmful_test]),
                           "task": gen.generate([t.prompt for t in p.task_test])}
                 if p.safe_test:
                     result["safe"] = gen.generate(p.safe_test)
+                if (cut := getattr(gen, "cut", 0) - cut_before) > 0:
+                    result["cut_prompts"] = cut
+                    log(f"[eval] {cut} prompts were longer than the model's context: their instructions were cut "
+                        "to fit (data/template.fit_to_context)")
             finally:
                 gens.done()
             atomic_write_text(cache, json.dumps(result))

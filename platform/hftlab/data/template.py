@@ -53,3 +53,30 @@ def full_text(instruction: str, response: str, template: str, tokenizer=None) ->
 def add_special_tokens(template: str) -> bool:
     """Whether tokenising the text adds the tokenizer's special tokens: a chat template already holds them (BOS)."""
     return template != "chat"
+
+
+def fit_to_context(instructions: list[str], template: str, tokenizer, budget: int, system: str | None = None
+                   ) -> tuple[list[str], int]:
+    """Each instruction cut so that its prompt (template included) takes at most `budget` tokens; returns the
+    instructions and how many were cut. The instruction's tail goes: the template's head (system turn) and its
+    assistant turn stay whole, so the model still answers where a plain cut of the token ids would not (from the
+    right: no assistant turn to answer in; from the left: no chat start). A prompt whose UTF-8 bytes fit in the budget
+    fits (a byte-level BPE token is at least one byte) and is not tokenised here."""
+    out, cut = [], 0
+    for text in instructions:
+        prompt = prompt_text(text, template, tokenizer, system)
+        if len(prompt.encode("utf-8")) <= budget:
+            out.append(text)
+            continue
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        over = len(tokenizer(prompt, add_special_tokens=add_special_tokens(template))["input_ids"]) - budget
+        while over > 0:  # decode and re-encode need not round-trip exactly: cut again until it fits
+            ids = ids[: max(len(ids) - over, 0)]
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            prompt = prompt_text(text, template, tokenizer, system)
+            over = len(tokenizer(prompt, add_special_tokens=add_special_tokens(template))["input_ids"]) - budget
+            if not ids:
+                break
+        cut += 1
+        out.append(text)
+    return out, cut

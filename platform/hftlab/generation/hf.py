@@ -13,7 +13,7 @@ import inspect
 import torch
 from tqdm.auto import tqdm
 
-from hftlab.data.template import add_special_tokens, prompt_text
+from hftlab.data.template import add_special_tokens, fit_to_context, prompt_text
 
 
 class HFGenerator:
@@ -25,8 +25,13 @@ class HFGenerator:
         self.template, self.max_new_tokens, self.batch_size = template, max_new_tokens, batch_size
         self.progress = progress
         self.last_logit_only = "logits_to_keep" in inspect.signature(model.forward).parameters
+        context = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
+        self.budget = max(context - max_new_tokens, 1)  # prompt tokens that leave room for the answer
+        self.cut = 0  # prompts cut to fit the model's context so far (data/template.fit_to_context)
 
     def generate(self, instructions: list[str]) -> list[str]:
+        instructions, cut = fit_to_context(list(instructions), self.template, self.tokenizer, self.budget, self.system)
+        self.cut += cut
         texts = [prompt_text(i, self.template, self.tokenizer, self.system) for i in instructions]
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         answers: list[str] = [""] * len(texts)

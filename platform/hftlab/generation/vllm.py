@@ -32,7 +32,7 @@ from pathlib import Path
 
 from hftlab.config.errors import ConfigError
 from hftlab.config.evaluation import VLLMConfig
-from hftlab.data.template import add_special_tokens, prompt_text
+from hftlab.data.template import add_special_tokens, fit_to_context, prompt_text
 from hftlab.models import precision
 from hftlab.storage import atomic_dir
 
@@ -162,6 +162,7 @@ class VLLMGenerator:
         self.lora_ids: dict[str, int] = {}
         self.engine_starts = 0
         self.reloads = 0
+        self.cut = 0  # prompts cut to fit max_model_len so far (data/template.fit_to_context)
         self.serve(model_dir)
 
     def serve(self, model_dir: str | Path) -> None:
@@ -216,6 +217,9 @@ class VLLMGenerator:
             return []
         if self.max_new_tokens <= 0:
             return [""] * len(instructions)
+        budget = max(self.settings.max_model_len - self.max_new_tokens, 1)  # vLLM refuses a longer prompt
+        instructions, cut = fit_to_context(list(instructions), self.template, self.tokenizer, budget, self.system)
+        self.cut += cut
         texts = [prompt_text(i, self.template, self.tokenizer, self.system) for i in instructions]
         ids = self.tokenizer(texts, add_special_tokens=add_special_tokens(self.template))["input_ids"]
         params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens, ignore_eos=True,
