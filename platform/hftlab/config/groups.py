@@ -30,8 +30,11 @@ class ProxyConfig:
     """Keep a checkpoint every k optimizer steps; 0 = at the end of every epoch."""
     seed: int | None = None
     """Seed of the proxy mix and batch order (null: the run's seed)."""
+    batching: Literal["random", "bucketed"] = "random"
+    """random or bucketed batches, as align.batching (training/batches.epoch_order)."""
 
     def __post_init__(self) -> None:
+        check(self.batching in ("random", "bucketed"), "batching", self.batching, "must be random or bucketed")
         check(self.task in TASKS, "task", self.task, f"must be one of {list(TASKS)}")
         check(self.n > 0, "n", self.n, "must be > 0")
         check(0.0 <= self.poison_ratio <= 1.0, "poison_ratio", self.poison_ratio, "must be in [0, 1]")
