@@ -23,6 +23,7 @@ from hftlab.config.schema import Config
 from hftlab.data.records import AlignmentPair, HarmfulPair
 from hftlab.judges.refusal import RefusalJudge
 from hftlab.metrics import is_degenerate
+from hftlab.models import precision
 from hftlab.storage import atomic_write_text, computed_once
 
 VERSION = 1
@@ -48,8 +49,8 @@ def distill_refusals(cfg: Config, base_dir: str, prompts: list[HarmfulPair], log
         from hftlab.config.errors import ConfigError
 
         raise ConfigError("data.refusals.n", rc.n, "distilled refusals need data.template=chat (a system turn)")
-    key = digest({"model": base_dir, "refusals": rc, "prompts": [h.prompt for h in prompts], "dtype": cfg.base.dtype,
-                  "v": VERSION})
+    key = digest({"model": base_dir, "refusals": rc, "prompts": [h.prompt for h in prompts],
+                  "dtype": precision.resolve(cfg.base.dtype), "v": VERSION})  # auto: what it resolved to here
     cache = Path(cfg.output_dir) / "refusals" / f"{key}.jsonl"
     with computed_once(cache, cache.is_file, log) as todo:
         if todo:
