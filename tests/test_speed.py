@@ -113,3 +113,18 @@ def test_recompute_every_second_layer_checkpoints_half_the_layers_and_keeps_the_
         out.loss.backward()
         grads[every] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)
+
+
+def test_backend_auto_is_the_one_measured_faster_here_and_vllm_settings_are_validated(smoke):
+    """eval.backend=auto: vLLM on a GPU, and on this CPU (measured faster, docs/performance.md) when it is installed;
+    HF where it is not. The stage keys see the resolved backend, so auto and its resolution share one cache."""
+    import importlib.util
+
+    from hftlab.config.evaluation import resolve_backend
+
+    expected = "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    assert resolve_backend("auto") == expected and resolve_backend("hf") == "hf"
+    assert smoke("eval.backend=auto").eval.generation_backend == expected
+    assert smoke("groups.backend=auto").groups.generation_backend == expected
+    with pytest.raises(ConfigError, match="cpu_cores"):
+        smoke("eval.vllm.cpu_cores=some")

@@ -166,7 +166,7 @@ def test_the_pipeline_gives_the_same_hs_on_vllm_as_on_hf(real_model, tmp_path):
               "finetune.n=8", "finetune.epochs=1", "finetune.lr=3e-3", "eval.n_harmful=8", "eval.n_task=1",
               f"eval.max_new_tokens={SHORT}", "eval.batch_size=8", *KEYWORD_JUDGE]
     real = REPO / "configs" / "real" / "smollm2-beavertails.yaml"
-    hf = run(load_config(real, common), log=lambda *_: None)
+    hf = run(load_config(real, [*common, "eval.backend=hf"]), log=lambda *_: None)  # the config's auto is vLLM here
     lines: list[str] = []
     vllm = run(load_config(real, [*common, "eval.backend=vllm"]), log=lines.append)
     assert vllm["dirs"] == hf["dirs"]  # the same trained stages, evaluated by both backends
