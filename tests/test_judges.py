@@ -321,7 +321,7 @@ def test_a_killed_judge_training_resumes_to_the_judge_an_uninterrupted_one_write
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert state.is_file() and not (path / "judge.json").exists(), "the kill landed after the training ended"
-    step = torch.load(state, weights_only=False)["step"]
+    step = torch.load(state, weights_only=True)["step"]
     logs: list[str] = []
     assert ensure_trained_judge(killed, log=logs.append) == path
     assert any(f"resuming from step {step}" in line for line in logs)

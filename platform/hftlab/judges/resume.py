@@ -33,7 +33,7 @@ class JudgeResume:
         if not path.is_file():
             return None
         try:
-            state = torch.load(path, weights_only=False)  # our own file: RNG states are Python tuples
+            state = torch.load(path, weights_only=True)  # tensors, numbers, tuples: the RNG states load as such
         except Exception as err:  # a file cut by a kill is replaced atomically, so this is a foreign or stale file
             self.log(f"[judge] ignoring an unreadable checkpoint {path} ({type(err).__name__}); training from the start")
             return None
