@@ -105,7 +105,7 @@ def _train(cfg: Config, kind: str, parent: str, pairs, tracker: Tracker, log, gr
                   seed=cfg.seed, max_length=cfg.base.max_length, weight_decay=stage_cfg.weight_decay,
                   max_grad_norm=stage_cfg.max_grad_norm, lr_scheduler=stage_cfg.lr_scheduler,
                   warmup_ratio=stage_cfg.warmup_ratio, on_step=on_step, desc=f"{kind} ({stage_cfg.method})",
-                  checkpoint=ckpt, bucketed=stage_cfg.batching == "bucketed",
+                  checkpoint=ckpt, bucketed=stage_cfg.bucketed,
                   autocast=precision.autocast_dtype(cfg.base.dtype))
     if stage_cfg.method == "vaa":
         from hftlab.training.grouped import plot_history, train_vaa
@@ -124,7 +124,7 @@ def _train(cfg: Config, kind: str, parent: str, pairs, tracker: Tracker, log, gr
                 enc = encode(tokenizer, side, cfg.data.template, cfg.base.max_length)
                 src = ckpt.track("side", Counted(side_stream(enc, side_batch_size(stage_cfg), pad, cfg.seed,
                                                              model.device, paired=side_paired(stage_cfg),
-                                                             bucketed=stage_cfg.batching == "bucketed")))
+                                                             bucketed=stage_cfg.bucketed)))
             return build_step(stage_cfg, engine, side=src, seed=cfg.seed, total_steps=budget, pad_id=pad, side_rows=enc)
 
         stats = train(model, tokenizer, pairs, make_step=make_step, max_steps=budget, **common)

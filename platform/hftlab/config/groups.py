@@ -33,6 +33,11 @@ class ProxyConfig:
     batching: Literal["random", "bucketed"] = "random"
     """random or bucketed batches, as align.batching (training/batches.epoch_order)."""
 
+    @property
+    def bucketed(self) -> bool:
+        """Batches of rows of like length (training/batches.epoch_order)."""
+        return self.batching == "bucketed"
+
     def __post_init__(self) -> None:
         check(self.batching in ("random", "bucketed"), "batching", self.batching, "must be random or bucketed")
         check(self.task in TASKS, "task", self.task, f"must be one of {list(TASKS)}")

@@ -55,6 +55,11 @@ class StageTraining:
     max_failures: int = 0
     """With workers > 1: restarts after a worker failure, each resuming from the latest checkpoint."""
 
+    @property
+    def bucketed(self) -> bool:
+        """Batches of rows of like length (training/batches.epoch_order)."""
+        return self.batching == "bucketed"
+
     def check_training(self) -> None:
         check(self.batching in ("random", "bucketed"), "batching", self.batching, "must be random or bucketed")
         check(self.workers >= 1, "workers", self.workers, "must be >= 1")

@@ -65,7 +65,7 @@ def _train_proxy(cfg: Config, proxy: ProxyConfig, aligned_dir: str, pairs: list,
         f"checkpoint every {every} steps")
     train(model, tokenizer, pairs, template=cfg.data.template, epochs=proxy.epochs, lr=proxy.lr,
           batch_size=proxy.batch_size, seed=seed, max_length=cfg.base.max_length, on_step=on_step,
-          desc=f"proxy {proxy.task} p={proxy.poison_ratio}", checkpoint=state, bucketed=proxy.batching == "bucketed",
+          desc=f"proxy {proxy.task} p={proxy.poison_ratio}", checkpoint=state, bucketed=proxy.bucketed,
           autocast=precision.autocast_dtype(cfg.base.dtype))
     missing = [n for n in names if not (work / n).is_dir()]
     if missing:

@@ -74,14 +74,14 @@ def _setup(config: dict, rank: int, world: int):
     if config.get("side"):
         side_enc = encode(tokenizer, config["side"], config["template"], config["max_length"])
         side = Counted(side_stream(side_enc, side_batch_size(stage), pad, config["seed"], device, rank, world,
-                                    paired=side_paired(stage), bucketed=stage.batching == "bucketed"))
+                                    paired=side_paired(stage), bucketed=stage.bucketed))
     if stage.method == "vaa":
         from hftlab.training.grouped import group_stream, vaa_setup
 
         members, step, total = vaa_setup(encoded, config["groups"], stage.vaa, epochs=stage.epochs,
                                          batch_size=stage.batch_size, seed=config["seed"],
                                          loss_fn=token_sum_loss, reduce_fn=_mean_over_ranks)
-        streams = [group_stream(m, stage.batch_size, pad, config["seed"] + k, rank, world, stage.batching == "bucketed")
+        streams = [group_stream(m, stage.batch_size, pad, config["seed"] + k, rank, world, stage.bucketed)
                    for k, m in enumerate(members)]
         readers = [Counted(lambda s=s: {k: v.to(device) for k, v in next(s).items()}) for s in streams]
     else:
@@ -149,7 +149,7 @@ def loop_per_worker(config: dict[str, Any]) -> None:
             if main is None or done % per_epoch == 0:  # (re)open the epoch the step falls in, skip what was done
                 epoch = done // per_epoch
                 main = batches(encoded, stage.batch_size, tokenizer.pad_token_id, config["seed"], epoch, rank, world,
-                               stage.batching == "bucketed")
+                               stage.bucketed)
                 for _ in range(done % per_epoch):
                     next(main)
             batch = {k: v.to(next(model.parameters()).device) for k, v in next(main).items()}
