@@ -213,7 +213,10 @@ def test_booster_update_matches_the_reference_written_out():
 
 def test_booster_harmful_batch_size_reaches_the_side_stream():
     from hftlab.config.schema import AlignConfig, BoosterConfig
-    from hftlab.training.methods import side_batch_size
+    from hftlab.training.methods import method_of
+
+    def side_batch_size(stage):
+        return method_of(stage).side_batch_size(stage)
 
     assert side_batch_size(AlignConfig(method="booster", batch_size=32)) == 32
     assert side_batch_size(AlignConfig(method="booster", booster=BoosterConfig(harmful_batch_size=10))) == 10

@@ -84,12 +84,12 @@ def test_a_stage_killed_mid_way_resumes_from_its_checkpoint_to_the_same_weights(
 
 
 def test_a_nan_stops_the_stage_naming_stage_step_and_method_and_keeps_the_last_checkpoint(smoke, monkeypatch):
-    import hftlab.training.methods as methods
+    import hftlab.algorithms.sft as sft  # the SFT step the records build (training/methods.build_sft)
 
     cfg = smoke("align.checkpoint_every=2", "tracking.enabled=false")
     base = base_model(cfg)
     pairs, groups, side = stage_inputs(cfg, "align")
-    real_step, calls = methods.sft_step, []
+    real_step, calls = sft.sft_step, []
 
     def poisoned(model, batch, engine, **kwargs):  # our own step, poisoned at its 5th call: a weight turns NaN
         calls.append(1)
@@ -98,7 +98,7 @@ def test_a_nan_stops_the_stage_naming_stage_step_and_method_and_keeps_the_last_c
                 next(p for p in model.parameters() if p.requires_grad).view(-1)[0] = float("nan")
         return real_step(model, batch, engine, **kwargs)
 
-    monkeypatch.setattr(methods, "sft_step", poisoned)
+    monkeypatch.setattr(sft, "sft_step", poisoned)
     with pytest.raises(NonFiniteError) as err:
         train_stage(cfg, "align", base, pairs, Tracker(cfg), lambda _: None, groups=groups, side=side)
     message = str(err.value)

@@ -200,7 +200,7 @@ def one_process(cfg, stage, base: str, pairs: list, side: list) -> dict[str, tor
     from hftlab.models.loading import load_model
     from hftlab.training.batches import encode
     from hftlab.training.loop import train
-    from hftlab.training.methods import build_step, side_batch_size, side_paired, side_stream, step_budget
+    from hftlab.training.methods import build_step, method_of, side_stream, step_budget
     from hftlab.training.trainer import token_sum_loss
 
     threads = torch.get_num_threads()
@@ -211,7 +211,9 @@ def one_process(cfg, stage, base: str, pairs: list, side: list) -> dict[str, tor
         total = step_budget(stage, len(pairs))
 
         def make_step(engine):
-            src = side_stream(enc, side_batch_size(stage), tok.pad_token_id, 0, model.device, paired=side_paired(stage))
+            method = method_of(stage)
+            src = side_stream(enc, method.side_batch_size(stage), tok.pad_token_id, 0, model.device,
+                              paired=method.side_paired(stage))
             return build_step(stage, engine, side=src, loss_fn=token_sum_loss, seed=0, total_steps=total,
                               pad_id=tok.pad_token_id, side_rows=enc)
 

@@ -56,7 +56,7 @@ from hftlab.models.loading import load_model  # noqa: E402
 from hftlab.pipeline import base_model, plan  # noqa: E402
 from hftlab.training.batches import collate, encode  # noqa: E402
 from hftlab.training.engine import LocalEngine  # noqa: E402
-from hftlab.training.methods import safegrad_reference  # noqa: E402
+from hftlab.training.records import safegrad_reference  # noqa: E402
 
 Batch = dict[str, torch.Tensor]
 

@@ -98,7 +98,7 @@ def main(out=sys.stdout) -> None:
     from hftlab.models.sources import resolve
     from hftlab.training.batches import collate, encode, epoch_order
     from hftlab.training.engine import LocalEngine, Recipe
-    from hftlab.training.methods import safegrad_reference
+    from hftlab.training.records import safegrad_reference
 
     model_dir = resolve(args.model, Path(args.cache), log=lambda *a: print(*a, file=sys.stderr))
     data = Path(args.data) / "beavertails"

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from hftlab.config.errors import check
 from hftlab.space import check_space, grid_size
+from hftlab.training.methods import BASELINE
 
 SEARCHES = ("grid", "random", "tpe")
 
@@ -29,7 +30,7 @@ class GuardConfig:
     fa_share: float | None = 0.9
     """The fine-tuned FA must be at least this share of the reference's FA (the undefended model under the base
     config's own attack): 0.9 = utility may drop by at most 10% of the undefended attack's."""
-    reference: dict[str, Any] = field(default_factory=lambda: {"align.method": "sft", "finetune.method": "sft"})
+    reference: dict[str, Any] = field(default_factory=lambda: {"align.method": BASELINE, "finetune.method": BASELINE})
     """Dotted overrides that make a defense the undefended reference (same seed and attack as the base config)."""
 
     def __post_init__(self) -> None:

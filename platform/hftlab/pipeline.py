@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from hftlab.config.loader import ConfigError, to_dict
-from hftlab.config.schema import Config, VAAConfig
+from hftlab.config.schema import Config
 from hftlab.data.records import metric_name
 from hftlab.judges import make_judge
 from hftlab.judges.compare import JudgePanel
@@ -28,6 +28,8 @@ from hftlab.resources import check_writable, peak_rss_gb
 from hftlab.stages import Generators, answers, base_model, check_gpus_of, complete_plan, evaluate, train_stage
 from hftlab.tracker import Tracker
 from hftlab.tracking import ui_hint
+from hftlab.training.methods import method_of
+from hftlab.training.records import groups_parent
 
 __all__ = ["STAGES", "base_model", "format_summary", "plan", "run", "train_stage", "vaa_groups"]
 
@@ -60,7 +62,7 @@ def vaa_groups(cfg: Config, p: Plan, log=print) -> list[int | None]:
 
         # stage 1's proxy starts from the SFT-aligned model (VAA's own settings reset, so every VAA variant of a
         # seed shares one stage 1); its MLflow run would nest, so it logs nothing itself
-        sft = replace(cfg, align=replace(cfg.align, method="sft", vaa=VAAConfig()), tracking=replace(cfg.tracking, enabled=False))
+        sft = replace(cfg, align=groups_parent(cfg.align), tracking=replace(cfg.tracking, enabled=False))
         path = run_groups(sft, log)["group_file"]
     group = read_groups(path)
     missing = [a.id for a in p.alignment if a.id not in group]
@@ -140,7 +142,7 @@ def run(cfg: Config, log=print, *, parent_run_id: str | None = None, tags: dict 
         dirs = {"base": base_model(cfg, log)}
         p = complete_plan(cfg, p, dirs["base"], tracker, log)
         sides = {kind: side_pairs(getattr(cfg, kind), p) for kind in ("align", "finetune")}
-        groups = vaa_groups(cfg, p, log) if cfg.align.method == "vaa" else None
+        groups = vaa_groups(cfg, p, log) if method_of(cfg.align).grouped else None
         evaluated("base")
         dirs["aligned"] = train_stage(cfg, "align", dirs["base"], p.align_pairs, tracker, log, groups=groups,
                                       side=sides["align"], before_training=gens.close)

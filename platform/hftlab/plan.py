@@ -20,7 +20,7 @@ from hftlab.data.prompt_sets import OWN, load_prompt_set, load_safe_set, set_nam
 from hftlab.data.records import AlignmentPair, HarmfulPair, TaskExample, prompt_key
 from hftlab.data.splits import Split, load_split
 from hftlab.data.toyworld import build_world
-from hftlab.training.methods import side_data, side_paired
+from hftlab.training.methods import method_of
 
 
 @dataclass
@@ -209,15 +209,14 @@ def with_refusals(p: Plan, refusals: list[AlignmentPair]) -> Plan:
 def side_pairs(stage_cfg, p: Plan) -> list[tuple[str, str]] | None:
     """The extra data a method trains with: SafeGrad's and Lisa's alignment pairs, Booster's and RepNoise's harmful
     pairs (RepNoise `paired`: row i the harmful answer to alignment pair i's prompt, see harmful_counterparts)."""
-    need = side_data(stage_cfg)
-    if need == "alignment":
-        field_name, n = (("finetune.safegrad.n_alignment", stage_cfg.safegrad.n_alignment) if stage_cfg.method == "safegrad"
-                         else ("finetune.lisa.n_alignment", stage_cfg.lisa.n_alignment))
+    method = method_of(stage_cfg)
+    if method.side == "alignment":
+        field_name, n = method.side_limit(stage_cfg) if method.side_limit else (f"{stage_cfg.method}.n_alignment", None)
         if n is not None and n > len(p.alignment) + len(p.refusal_prompts):
             raise ConfigError(field_name, n, f"the alignment set has {len(p.alignment)} pairs")
         return [(a.prompt, a.response) for a in p.alignment[:n]]
-    if need == "harmful":
-        if side_paired(stage_cfg):
+    if method.side == "harmful":
+        if method.side_paired(stage_cfg):
             return harmful_counterparts(p)
         return [(h.prompt, h.response) for h in p.defense_harmful]
     return None

@@ -17,11 +17,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from hftlab.config import Config, digest, load_config
-from hftlab.config.methods import VAAConfig
 from hftlab.costs import ACCELERATORS, BYTES, gpu_seconds, memory_gb, model_params_b, train_flops
+from hftlab.training.methods import method_of
+from hftlab.training.records import groups_parent
 
-# forward+backward passes per optimizer step, relative to an SFT step (each algorithm file's docstring counts them)
-PASSES = {"sft": 1.0, "vaccine": 2.0, "booster": 3.0, "repnoise": 2.0, "lisa": 1.0}
 PROMPT_TOKENS = 64
 """Tokens assumed per prompt when prompts are processed (generation prefill, judging): the HS prompt sets' prompts
 are short requests; a stated assumption."""
@@ -47,16 +46,9 @@ class Stage:
 
 
 def _passes(cfg: Config, kind: str) -> float:
+    """Forward+backward passes per optimizer step relative to SFT's: the method's record says (over 1000 steps)."""
     stage = getattr(cfg, kind)
-    if stage.method == "vaa":
-        from hftlab.algorithms.curriculum import make_schedule
-        from hftlab.algorithms.vaa import expected_backward
-
-        v = stage.vaa
-        return expected_backward(v.rho, v.objective, make_schedule(v.curriculum, v.lam), 1000)
-    if stage.method == "safegrad":
-        return 1.0 + 1.0 / max(stage.safegrad.cadence, 1)
-    return PASSES.get(stage.method, 1.0)
+    return method_of(stage).passes(stage, 1000)
 
 
 def _alignment_examples(cfg: Config, notes: list[str]) -> int:
@@ -118,10 +110,9 @@ def stages_of(cfg: Config, accelerator: str = "h100") -> list[Stage]:
                         prefill_tokens=cfg.data.refusals.n * PROMPT_TOKENS))
     n_align = _alignment_examples(cfg, notes)
     groups_key = None
-    if cfg.align.method == "vaa" and cfg.align.vaa.group_file is None:
+    if method_of(cfg.align).groups_stage(cfg.align):
         # stage 1 starts from the SFT-aligned model (pipeline.vaa_groups): the SFT arm's own alignment, shared
-        sft = _train(replace(cfg, align=replace(cfg.align, method="sft", vaa=VAAConfig())), "align", st[0].key,
-                     n_align, n, None)
+        sft = _train(replace(cfg, align=groups_parent(cfg.align)), "align", st[0].key, n_align, n, None)
         st.append(sft)
         proxy_keys, checkpoints = [], 0
         for proxy in cfg.groups.proxies:

@@ -35,6 +35,7 @@ from hftlab.tracker import Tracker
 from hftlab.training.batches import encode
 from hftlab.training.checkpoint import Checkpoint, Counted
 from hftlab.training.loop import train
+from hftlab.training.methods import method_of
 
 
 def base_model(cfg: Config, log=print) -> str:
@@ -107,14 +108,15 @@ def _train(cfg: Config, kind: str, parent: str, pairs, tracker: Tracker, log, gr
                   warmup_ratio=stage_cfg.warmup_ratio, on_step=on_step, desc=f"{kind} ({stage_cfg.method})",
                   checkpoint=ckpt, bucketed=stage_cfg.bucketed,
                   autocast=precision.autocast_dtype(cfg.base.dtype))
-    if stage_cfg.method == "vaa":
+    method = method_of(stage_cfg)
+    if method.grouped:
         from hftlab.training.grouped import plot_history, train_vaa
 
         stats = train_vaa(model, tokenizer, pairs, groups, stage_cfg.vaa, **common)
         with tempfile.TemporaryDirectory() as tmp:
             tracker.artifact(plot_history(history, Path(tmp) / f"{kind}-q-and-group-losses.png"), "plots")
     else:
-        from hftlab.training.methods import build_step, side_batch_size, side_paired, side_stream, step_budget
+        from hftlab.training.methods import build_step, side_stream, step_budget
 
         budget = step_budget(stage_cfg, len(pairs))
 
@@ -122,8 +124,8 @@ def _train(cfg: Config, kind: str, parent: str, pairs, tracker: Tracker, log, gr
             src, enc, pad = None, None, tokenizer.pad_token_id
             if side is not None:
                 enc = encode(tokenizer, side, cfg.data.template, cfg.base.max_length)
-                src = ckpt.track("side", Counted(side_stream(enc, side_batch_size(stage_cfg), pad, cfg.seed,
-                                                             model.device, paired=side_paired(stage_cfg),
+                src = ckpt.track("side", Counted(side_stream(enc, method.side_batch_size(stage_cfg), pad, cfg.seed,
+                                                             model.device, paired=method.side_paired(stage_cfg),
                                                              bucketed=stage_cfg.bucketed)))
             return build_step(stage_cfg, engine, side=src, seed=cfg.seed, total_steps=budget, pad_id=pad, side_rows=enc)
 

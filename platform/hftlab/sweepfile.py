@@ -22,6 +22,7 @@ from hftlab.config.loader import ConfigError, apply_overrides, build, load_confi
 from hftlab.config.schema import URI
 from hftlab.metrics import METRICS
 from hftlab.space import KINDS, axes, check_space, points
+from hftlab.training.methods import method_of
 
 STAGE_METRICS = tuple(f"{s}.{k}" for s in ("base", "aligned", "finetuned") for k in METRICS)
 EARLY_METRICS = tuple(m for m in STAGE_METRICS if not m.startswith("finetuned."))
@@ -279,6 +280,5 @@ def _validate_points(spec: SweepConfig, fixed: list[str]) -> bool:
             if culprit is None:
                 raise
             raise ConfigError(culprit, point[culprit], f"gives an invalid trial config: {exc}") from None
-        uses_ray |= (cfg.align.method == "vaa" and cfg.align.vaa.group_file is None) or max(cfg.align.workers,
-                                                                                            cfg.finetune.workers) > 1
+        uses_ray |= method_of(cfg.align).groups_stage(cfg.align) or max(cfg.align.workers, cfg.finetune.workers) > 1
     return uses_ray

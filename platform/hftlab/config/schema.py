@@ -23,9 +23,9 @@ from hftlab.config.evaluation import (
 from hftlab.config.groups import GroupsConfig, ProxyConfig
 from hftlab.config.methods import GROUPINGS, BoosterConfig, LisaConfig, RepNoiseConfig, SafeGradConfig, VAAConfig, VaccineConfig
 from hftlab.config.model import LoraConfig, ModelConfig, TinyModelConfig
-from hftlab.config.stages import ALIGN_METHODS, FINETUNE_METHODS, TASKS, AlignConfig, FinetuneConfig
+from hftlab.config.stages import TASKS, AlignConfig, FinetuneConfig
 
-__all__ = ["ALIGN_METHODS", "FINETUNE_METHODS", "GROUPINGS", "TASKS", "AlignConfig", "BoosterConfig", "Config",
+__all__ = ["GROUPINGS", "TASKS", "AlignConfig", "BoosterConfig", "Config",
            "DataConfig", "EvalConfig", "FinetuneConfig", "GroupsConfig", "JUDGE_KINDS", "JudgeConfig", "LisaConfig",
            "LoraConfig", "ModelConfig", "ProxyConfig", "RepNoiseConfig", "SafeGradConfig", "TinyModelConfig",
            "ToyWorldConfig", "TrackingConfig", "TrainedJudgeConfig", "VAAConfig", "VaccineConfig", "VLLMConfig"]

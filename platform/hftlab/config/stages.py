@@ -10,8 +10,6 @@ from hftlab.config.methods import BoosterConfig, LisaConfig, RepNoiseConfig, Saf
 from hftlab.config.model import LoraConfig
 
 TASKS = ("sst2", "agnews", "gsm8k", "alpaca")
-ALIGN_METHODS = ("sft", "vaa", "vaccine", "booster", "repnoise")
-FINETUNE_METHODS = ("sft", "safegrad", "lisa")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 
 
@@ -60,6 +58,18 @@ class StageTraining:
         """Batches of rows of like length (training/batches.epoch_order)."""
         return self.batching == "bucketed"
 
+    def check_method(self, kind: str) -> None:
+        """The method is registered for this stage (training/methods.py: the record is asked, not a list of names)."""
+        from hftlab.training.methods import names
+
+        check(self.method in names(kind), "method", self.method, f"must be one of {list(names(kind))}")
+
+    def check_method_settings(self) -> None:
+        """What only this stage's method needs of its config (its record's `check`)."""
+        from hftlab.training.methods import method_of
+
+        method_of(self).check(self)
+
     def check_training(self) -> None:
         check(self.batching in ("random", "bucketed"), "batching", self.batching, "must be random or bucketed")
         check(self.workers >= 1, "workers", self.workers, "must be >= 1")
@@ -81,7 +91,8 @@ class StageTraining:
 @dataclass
 class AlignConfig(StageTraining):
     method: str = "sft"
-    """Alignment method: one of ALIGN_METHODS."""
+    """Alignment method: sft, vaa, vaccine, booster, repnoise, or any method registered for alignment
+    (training/methods.py)."""
     compute_match: Literal["none", "vaa"] = "none"
     """With method=sft: none = epochs x batches steps; vaa = compute-matched SFT, as many steps as VAA with
     align.vaa would spend backward passes (1.5x under the default curriculum; the control for VAA's extra compute)."""
@@ -101,21 +112,21 @@ class AlignConfig(StageTraining):
     """RepNoise settings (used when method=repnoise; trains on the harmful pairs too)."""
 
     def __post_init__(self) -> None:
-        check(self.method in ALIGN_METHODS, "method", self.method, f"must be one of {list(ALIGN_METHODS)}")
+        self.check_method("align")
         self.check_training()
         check(self.compute_match in ("none", "vaa"), "compute_match", self.compute_match, "must be none or vaa")
         check(self.compute_match == "none" or self.method == "sft", "compute_match", self.compute_match,
               f"matches SFT's compute to VAA's; method={self.method} must be sft")
         check(self.n_alignment is None or self.n_alignment >= 0, "n_alignment", self.n_alignment, "must be >= 0")
         check(self.n_benign >= 0, "n_benign", self.n_benign, "must be >= 0")
-        check(self.batching == "random" or not (self.method == "repnoise" and self.repnoise.paired), "batching",
-              self.batching, "bucketed batches would break RepNoise's pairing (repnoise.paired): use random")
+        self.check_method_settings()
 
 
 @dataclass
 class FinetuneConfig(StageTraining):
     method: str = "sft"
-    """Fine-tuning method (the user's fine-tuning as a service would run it): one of FINETUNE_METHODS."""
+    """Fine-tuning method (the user's fine-tuning as a service would run it): sft, safegrad, lisa, or any method
+    registered for fine-tuning (training/methods.py)."""
     task: str = "sst2"
     """User task: sst2, agnews, gsm8k or alpaca (in the toy world: their analogues)."""
     n: int = 1000
@@ -139,9 +150,10 @@ class FinetuneConfig(StageTraining):
     """Lisa settings (used when method=lisa; trains on the alignment pairs too)."""
 
     def __post_init__(self) -> None:
-        check(self.method in FINETUNE_METHODS, "method", self.method, f"must be one of {list(FINETUNE_METHODS)}")
+        self.check_method("finetune")
         check(self.task in TASKS, "task", self.task, f"must be one of {list(TASKS)}")
         check(self.n > 0, "n", self.n, "must be > 0")
         check(0.0 <= self.poison_ratio <= 1.0, "poison_ratio", self.poison_ratio, "must be in [0, 1]")
         check(0.0 < self.test_share < 1.0, "test_share", self.test_share, "must be in (0, 1)")
         self.check_training()
+        self.check_method_settings()

@@ -1,62 +1,156 @@
-"""From a stage's config to its algorithm step: the one place that maps `method` to a core in algorithms/.
+"""What a training method is to the platform: one `Method` record per method, in one registry.
 
-Used by the in-process loop (training/loop.py) and by the Ray Train workers (training/trainer.py), so both run the
-same step. VAA is built by training/grouped.py (it draws its own batches per group). Steps that need data besides
-the stage's own batches (SafeGrad, Lisa: alignment pairs; Booster, RepNoise: harmful pairs) get it as `side`,
-encoded pairs turned into an endless stream of this rank's slices.
+The pipeline, the stages, the Ray Train workers, the planner, the sweeps and the cost model ask a stage's record
+(`method_of(stage)`) what they need to know, and never compare method names: its side data, its passes per step, whether
+it trains over vulnerability groups, how to build its step. The built-in records are in training/records.py; adding a
+method is an algorithm file (algorithms/), a record there (or `register(Method(...))` anywhere before the config
+loads) and, if it has settings, its config dataclass as a field of the stage's config (docs/architecture.md).
+
+Steps that need data besides the stage's own batches get it as `side`: encoded pairs turned into an endless stream
+of this rank's slices (side_stream), used by the in-process loop (training/loop.py) and the Ray Train workers
+(training/trainer.py) alike.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
-from functools import partial
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+if TYPE_CHECKING:  # the config validates method names against this registry: importing it must not load torch
+    import torch
 
-from hftlab.algorithms.sft import causal_lm_loss, sft_step
-from hftlab.config.schema import AlignConfig, FinetuneConfig
-
-Batch = dict[str, torch.Tensor]
+Batch = dict[str, Any]  # input_ids, attention_mask, labels: tensors
+Stage = Any  # AlignConfig | FinetuneConfig (config/stages.py; not imported: the config asks this registry)
 SIDE_SEED = 7919  # the side stream's shuffle is its own, so adding it does not change the main batches' order
+KINDS = ("align", "finetune")
+BASELINE = "sft"
+"""The method every other one is measured against (plain SFT): the groups stage's parent, an attack's reference."""
 
 
-def side_data(stage: AlignConfig | FinetuneConfig) -> str | None:
-    """What extra pairs the stage's method needs: "alignment", "harmful" or None."""
-    if stage.method in ("safegrad", "lisa"):
-        return "alignment"
-    if stage.method in ("booster", "repnoise"):
-        return "harmful"
-    return None
+@dataclass(frozen=True)
+class StepInputs:
+    """What a training path hands a record's `build`, besides the stage config and the engine."""
+
+    side: Callable[[], Batch] | None = None
+    """next() over the side pairs' batches (None: the method has no side data)."""
+    loss_fn: Callable | None = None
+    """The loss of one batch (None: algorithms/sft.causal_lm_loss; a Ray Train worker's token-sum loss)."""
+    seed: int = 0
+    """The run's seed (a method's own randomness)."""
+    total_steps: int = 0
+    """The stage's optimizer step budget (step_budget)."""
+    pad_id: int = 0
+    """The tokenizer's padding id."""
+    side_rows: Sequence | None = None
+    """The encoded side pairs (SafeGrad caches its reference over them)."""
+    reference: torch.nn.Module | None = None
+    """The parent loaded apart, when the record asks for one (`reference_apart`)."""
 
 
-def side_paired(stage: AlignConfig | FinetuneConfig) -> bool:
-    """The side pairs line up with the stage's own pairs (RepNoise `paired`): their stream follows the main order."""
-    return stage.method == "repnoise" and stage.repnoise.paired
-
-
-def side_batch_size(stage: AlignConfig | FinetuneConfig) -> int:
-    """Side examples per step: SafeGrad's alignment batch, Booster's harmful batch, else the stage's batch size
-    (RepNoise's harmful batch, and Lisa's alignment batch: git-disl/Lisa trainer.py:L63-L64 @ 68e3659)."""
-    if stage.method == "safegrad":
-        return stage.safegrad.batch_size
-    if stage.method == "booster" and stage.booster.harmful_batch_size is not None:
-        return stage.booster.harmful_batch_size
+def _stage_batch_size(stage: Stage) -> int:
     return stage.batch_size
 
 
-def step_budget(stage: AlignConfig | FinetuneConfig, n_examples: int) -> int:
-    """Optimizer steps of a stage: epochs x batches per epoch; compute-matched SFT (align.compute_match=vaa) takes as
-    many steps as VAA with `stage.vaa` would take backward passes (its whole cost: an SFT step is one backward)."""
-    total = stage.epochs * math.ceil(n_examples / stage.batch_size)
-    if getattr(stage, "compute_match", "none") == "vaa" and total > 0:
-        from hftlab.algorithms.curriculum import make_schedule
-        from hftlab.algorithms.vaa import expected_backward
+def _never(stage: Stage) -> bool:
+    return False
 
-        vaa = stage.vaa
-        total = round(total * expected_backward(vaa.rho, vaa.objective, make_schedule(vaa.curriculum, vaa.lam), total))
+
+def _no_checks(stage: Stage) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Method:
+    """One training method, as every part of the platform sees it."""
+
+    name: str
+    """The value of align.method / finetune.method."""
+    kinds: tuple[str, ...]
+    """The stages it may train: "align", "finetune" or both."""
+    passes: Callable[[Stage, int], float]
+    """passes(stage, total_steps): forward+backward passes per optimizer step relative to an SFT step (the cost model
+    of `hftlab plan`, and compute-matched SFT). Required: a method without a cost is an error."""
+    build: Callable[[Stage, Any, StepInputs], Callable] | None = None
+    """build(stage, engine, inputs) -> step(model, batch, engine) -> stats. None for a grouped method, whose loop draws
+    its own batches per group (training/grouped.py)."""
+    side: Literal["alignment", "harmful"] | None = None
+    """The pairs it trains on besides the stage's own: the alignment pairs, the harmful pairs, or none."""
+    side_batch_size: Callable[[Stage], int] = _stage_batch_size
+    """Side examples per step."""
+    side_limit: Callable[[Stage], tuple[str, int | None]] | None = None
+    """(dotted field, n): how many alignment pairs the side data takes (null: all), and the field that says so."""
+    side_paired: Callable[[Stage], bool] = _never
+    """The side pairs line up with the stage's own (row i with row i): their stream follows the main order."""
+    grouped: bool = False
+    """Trains over vulnerability groups: the pipeline assigns them, and training/grouped.py runs its loop."""
+    groups_stage: Callable[[Stage], bool] = _never
+    """The run computes the groups first (`hftlab groups`, on Ray actors) rather than reading a group file."""
+    reference_apart: Callable[[Stage], bool] = _never
+    """A Ray Train worker loads the parent apart for the step (after a resume the model is the checkpoint)."""
+    check: Callable[[Stage], None] = _no_checks
+    """Checks of the stage's config that only this method needs (raise config.errors.ConfigError)."""
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add (or replace) a method; the config accepts its name from then on."""
+    if not callable(method.passes):
+        raise ValueError(f"method {method.name!r}: `passes` (its cost per step) must be given as a function")
+    if not method.kinds or any(k not in KINDS for k in method.kinds):
+        raise ValueError(f"method {method.name!r}: kinds {method.kinds!r} must name stages among {KINDS}")
+    if (method.build is None) != method.grouped:
+        raise ValueError(f"method {method.name!r}: a grouped method has no `build` (grouped.py), any other one has one")
+    REGISTRY[method.name] = method
+    return method
+
+
+def names(kind: str) -> tuple[str, ...]:
+    """The methods a stage ("align" or "finetune") accepts."""
+    import hftlab.training.records  # noqa: F401  (the built-in records register themselves)
+
+    return tuple(name for name, m in REGISTRY.items() if kind in m.kinds)
+
+
+def method_of(stage: Stage) -> Method:
+    """The record of `stage.method` (the config only accepts registered names)."""
+    import hftlab.training.records  # noqa: F401
+
+    return REGISTRY[stage.method]
+
+
+def step_budget(stage: Stage, n_examples: int) -> int:
+    """Optimizer steps of a stage: epochs x batches per epoch (a grouped method: over the examples in a group);
+    compute-matched SFT (align.compute_match=<method>) takes as many steps as that method, with the stage's settings
+    for it, would take passes (an SFT step is one pass)."""
+    total = stage.epochs * math.ceil(n_examples / stage.batch_size)
+    matched = getattr(stage, "compute_match", "none")
+    if matched != "none" and total > 0:
+        total = round(total * REGISTRY[matched].passes(stage, total))
     return total
+
+
+def build_step(stage: Stage, engine, *, side: Callable[[], Batch] | None = None, loss_fn: Callable | None = None,
+               seed: int = 0, total_steps: int = 0, pad_id: int = 0, side_rows: Sequence | None = None,
+               reference: torch.nn.Module | None = None) -> Callable:
+    """The step callable step(model, batch, engine) -> stats of `stage.method` (its record's build)."""
+    from hftlab.algorithms.sft import causal_lm_loss
+
+    method = method_of(stage)
+    if method.build is None:
+        raise ValueError(f"method={stage.method!r} is grouped: its loop is training/grouped.py, not a step built here")
+    inputs = StepInputs(side, loss_fn or causal_lm_loss, seed, total_steps, pad_id, side_rows, reference)
+    return method.build(stage, engine, inputs)
+
+
+def build_sft(stage: Stage, engine, inputs: StepInputs) -> Callable:
+    """Plain SFT's step (algorithms/sft.sft_step, looked up at call time, so a test can wrap it)."""
+    from hftlab.algorithms import sft
+
+    return lambda model, batch, eng: sft.sft_step(model, batch, eng, loss_fn=inputs.loss_fn)
 
 
 def side_stream(encoded: Sequence, batch_size: int, pad_id: int, seed: int, device: torch.device,
@@ -69,80 +163,3 @@ def side_stream(encoded: Sequence, batch_size: int, pad_id: int, seed: int, devi
     stream = group_stream(list(encoded), batch_size, pad_id, seed if paired else seed + SIDE_SEED, rank, world,
                           bucketed and not paired)
     return lambda: {k: v.to(device) for k, v in next(stream).items()}
-
-
-def kl_reference(module: torch.nn.Module) -> Callable[[Batch], torch.Tensor]:
-    """The aligned model's logits: the same weights with the LoRA adapter disabled, else a frozen copy taken now."""
-    if hasattr(module, "disable_adapter"):  # peft: the base under the adapter is the aligned model
-
-        def with_adapter_off(batch: Batch) -> torch.Tensor:
-            with module.disable_adapter():
-                return module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-        return with_adapter_off
-    return frozen_logits(copy.deepcopy(module))
-
-
-def frozen_logits(model: torch.nn.Module) -> Callable[[Batch], torch.Tensor]:
-    """`model`'s logits, with `model` frozen in eval mode (a reference that never trains)."""
-    frozen = model.eval().requires_grad_(False)
-    return lambda batch: frozen(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-
-def safegrad_reference(stage: FinetuneConfig, engine, reference: torch.nn.Module | None,
-                       side_rows: Sequence | None, pad_id: int) -> Callable[[Batch], torch.Tensor]:
-    """SafeGrad's KL target: the aligned model's response log-probabilities, cached for the fixed alignment set.
-
-    `reference`: the aligned model when the caller has it apart (a resumed Ray Train run: its weights are the parent,
-    never the checkpoint); else the adapter-off weights under LoRA or a copy of the model as it is now.
-    """
-    from hftlab.algorithms.safegrad import CachedReference, response_logprobs
-    from hftlab.training.batches import collate
-
-    logits_fn = frozen_logits(reference) if reference is not None else kl_reference(engine.module)
-    if stage.safegrad.cache_reference and side_rows:
-        device = next(engine.module.parameters()).device
-        bs = stage.safegrad.batch_size
-        chunks = (collate(side_rows[i : i + bs], pad_id) for i in range(0, len(side_rows), bs))
-        return CachedReference(logits_fn, ({k: v.to(device) for k, v in b.items()} for b in chunks))
-    return lambda batch: response_logprobs(logits_fn(batch), batch["labels"])
-
-
-def build_step(stage: AlignConfig | FinetuneConfig, engine, *, side: Callable[[], Batch] | None = None,
-               loss_fn: Callable = causal_lm_loss, seed: int = 0, total_steps: int = 0, pad_id: int = 0,
-               side_rows: Sequence | None = None, reference: torch.nn.Module | None = None) -> Callable:
-    """The step callable step(model, batch, engine) -> stats for `stage.method` (not VAA: see grouped.py).
-
-    `side_rows`: the encoded side pairs (SafeGrad caches its reference over them); `reference`: SafeGrad's aligned
-    model when it is not the model being trained (see safegrad_reference); `total_steps`: the stage's step budget.
-    """
-    if stage.method == "sft":
-        return partial(sft_step, loss_fn=loss_fn)
-    if stage.method == "safegrad":
-        from hftlab.algorithms.safegrad import SafeGradStep
-
-        sg = stage.safegrad
-        ref = safegrad_reference(stage, engine, reference, side_rows, pad_id) if sg.align_loss == "kl" else None
-        return SafeGradStep(side, align_loss=sg.align_loss, reference=ref, mode=sg.mode, rho=sg.rho,
-                            cadence=sg.cadence, loss_fn=loss_fn)
-    if stage.method == "lisa":
-        from hftlab.algorithms.lisa import LisaStep
-
-        li = stage.lisa
-        return LisaStep(side, engine.params, rho=li.rho, alignment_steps=li.alignment_steps,
-                        finetune_steps=li.finetune_steps, proximal_from=li.proximal_after * total_steps, loss_fn=loss_fn)
-    if stage.method == "vaccine":
-        from hftlab.algorithms.vaccine import VaccineStep
-
-        suffix = {"attention": "Attention", "decoder": "DecoderLayer"}[stage.vaccine.layers]
-        return VaccineStep(rho=stage.vaccine.rho, module_suffix=suffix, loss_fn=loss_fn)
-    if stage.method == "booster":
-        from hftlab.algorithms.booster import BoosterStep
-
-        return BoosterStep(side, lam=stage.booster.lam, alpha=stage.booster.alpha, loss_fn=loss_fn)
-    if stage.method == "repnoise":
-        from hftlab.algorithms.repnoise import RepNoiseStep
-
-        rn = stage.repnoise
-        return RepNoiseStep(side, alpha=rn.alpha, beta=rn.beta, mask=rn.mask, pad_id=pad_id, loss_fn=loss_fn, seed=seed)
-    raise ValueError(f"method={stage.method!r} has no step here (VAA is built by training/grouped.py)")

@@ -30,6 +30,7 @@ from hftlab.config.schema import AlignConfig, FinetuneConfig
 from hftlab.models import precision
 from hftlab.training.batches import Pair, batches, encode
 from hftlab.training.checkpoint import Counted
+from hftlab.training.methods import build_step, method_of, side_stream, step_budget
 
 
 def token_sum_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -46,18 +47,16 @@ def _setup(config: dict, rank: int, world: int):
     import ray.train.torch
 
     from hftlab.training.engine import LocalEngine, Recipe
-    from hftlab.training.methods import build_step, side_batch_size, side_paired, side_stream, step_budget
 
     stage: AlignConfig | FinetuneConfig = config["stage"]
+    method = method_of(stage)
     ckpt = ray.train.get_checkpoint()
     ckpt_dir = ckpt.to_directory() if ckpt is not None else None
     model, tokenizer = _load(config, stage, ckpt_dir)
     model.to(ray.train.torch.get_device())  # this worker's GPU (use_gpu), else the CPU
     encoded = encode(tokenizer, config["pairs"], config["template"], config["max_length"])
-    if stage.method == "vaa":  # SFT's budget over the examples that belong to a group (grouped.vaa_setup)
-        total = stage.epochs * math.ceil(sum(g is not None for g in config["groups"]) / stage.batch_size)
-    else:
-        total = step_budget(stage, len(encoded))
+    # a grouped method: SFT's budget over the examples that belong to a group (grouped.vaa_setup)
+    total = step_budget(stage, sum(g is not None for g in config["groups"]) if method.grouped else len(encoded))
     recipe = Recipe.of(stage, total)  # the schedule's position is the engine's steps_taken, saved and resumed
     if stage.zero_stage is None:
         model = ray.train.torch.prepare_model(model)  # DDP
@@ -73,9 +72,9 @@ def _setup(config: dict, rank: int, world: int):
     side, side_enc = None, None
     if config.get("side"):
         side_enc = encode(tokenizer, config["side"], config["template"], config["max_length"])
-        side = Counted(side_stream(side_enc, side_batch_size(stage), pad, config["seed"], device, rank, world,
-                                    paired=side_paired(stage), bucketed=stage.bucketed))
-    if stage.method == "vaa":
+        side = Counted(side_stream(side_enc, method.side_batch_size(stage), pad, config["seed"], device, rank, world,
+                                    paired=method.side_paired(stage), bucketed=stage.bucketed))
+    if method.grouped:
         from hftlab.training.grouped import group_stream, vaa_setup
 
         members, step, total = vaa_setup(encoded, config["groups"], stage.vaa, epochs=stage.epochs,
@@ -85,10 +84,9 @@ def _setup(config: dict, rank: int, world: int):
                    for k, m in enumerate(members)]
         readers = [Counted(lambda s=s: {k: v.to(device) for k, v in next(s).items()}) for s in streams]
     else:
-        # SafeGrad's KL reference is the aligned parent: under LoRA the adapter switched off (also after a resume);
-        # otherwise loaded apart, since after a resume the model is the checkpoint
-        kl = stage.method == "safegrad" and stage.safegrad.align_loss == "kl" and not stage.lora.enabled
-        reference = _load(config, stage, None)[0].to(device) if kl else None
+        # e.g. SafeGrad's KL reference is the aligned parent: under LoRA the adapter switched off (also after a
+        # resume); otherwise loaded apart, since after a resume the model is the checkpoint
+        reference = _load(config, stage, None)[0].to(device) if method.reference_apart(stage) else None
         step = build_step(stage, engine, side=side, loss_fn=token_sum_loss, seed=config["seed"], total_steps=total,
                           pad_id=pad, side_rows=side_enc, reference=reference)
         readers = []
@@ -134,6 +132,7 @@ def loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"])
     stage: AlignConfig | FinetuneConfig = config["stage"]
+    grouped = method_of(stage).grouped
     model, tokenizer, engine, step, encoded, readers, side, total, done = _setup(config, rank, world)
     resumed_at = done
     cast = precision.autocast_dtype(config.get("dtype", "float32"))  # bf16 autocast under base.dtype=auto
@@ -142,7 +141,7 @@ def loop_per_worker(config: dict[str, Any]) -> None:
     main = None
     last = float("nan")
     while done < total:
-        if stage.method == "vaa":
+        if grouped:
             with precision.autocast(cast):
                 stats = step(model, lambda g: readers[g](), engine)
         else:
