@@ -23,7 +23,7 @@ from typing import Any
 from hftlab import tracking
 from hftlab.attackfile import AttackConfig
 from hftlab.config.loader import build, digest, load_config
-from hftlab.metrics import METRICS
+from hftlab.metrics import stage_metrics
 from hftlab.sweepfile import to_overrides, trial_dotlist, trial_name
 
 OUTER_CPU = 0.01  # an outer trial waits on its inner Tuner; Ray needs a non-zero bundle to place it
@@ -62,10 +62,6 @@ def best_so_far(attacks: list[dict], threshold: float) -> list[float]:
             best = hs if math.isnan(best) else max(best, hs)
         curve.append(best)
     return curve
-
-
-def stage_metrics(summary: dict) -> dict[str, float]:
-    return {f"{s}.{k}": summary[s][k] for s in ("base", "aligned", "finetuned") if s in summary for k in METRICS}
 
 
 def pipeline_run(setup: dict, dotlist: list[str], parent: str, tags: dict, name: str) -> dict[str, float]:

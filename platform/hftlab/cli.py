@@ -14,6 +14,16 @@ import yaml
 from hftlab.config import ConfigError, load_config, to_dict
 from hftlab.faults import DiskFullError, NonFiniteError
 
+# exit codes, one meaning each (scripts and schedulers branch on them)
+CONFIG_ERROR = 2
+"""A config value, override or input file is wrong (the message names the field and the value); nothing ran."""
+NUMERICAL_FAULT = 3
+"""A loss or gradient went NaN or inf: the stage, step and method are named; the last checkpoint is kept."""
+DISK_FULL = 4
+"""A write failed on a full disk: the directory is named; nothing half-written is left behind."""
+PLAN_DOES_NOT_FIT = 5
+"""`hftlab plan --address`: the cluster lacks what one trial needs (one line says what)."""
+
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hftlab", description="Harmful fine-tuning experiments.")
@@ -136,7 +146,7 @@ def plan_command(args: argparse.Namespace) -> int:
         ray.shutdown()
     if lacking:
         print(f"hftlab: plan does not fit {args.address}: {lacking}", file=sys.stderr)
-        return 4
+        return PLAN_DOES_NOT_FIT
     print(f"fits {args.address}")
     return 0
 
@@ -170,13 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg)
     except ConfigError as exc:
         print(f"hftlab: config error: {exc}", file=sys.stderr)
-        return 2
+        return CONFIG_ERROR
     except NonFiniteError as exc:  # a NaN or inf loss or gradient: the stage, step and method, no traceback
         print(f"hftlab: numerical fault: {exc}", file=sys.stderr)
-        return 3
+        return NUMERICAL_FAULT
     except DiskFullError as exc:  # a write failed on a full disk: the directory, nothing half-written left behind
         print(f"hftlab: disk full: {exc}", file=sys.stderr)
-        return 4
+        return DISK_FULL
     return 0
 
 

@@ -11,6 +11,14 @@ METRICS = ("hs", "hs_lo", "hs_hi", "hs_corrected", "hs_corrected_lo", "hs_correc
 """Reported per stage: HS (harmful and not degenerate) with its 95% Wilson interval over the prompts, HS corrected for
 the judge's measured error with its interval (stats.py; nan without held-out labels), HS+ (harmful or degenerate),
 degenerate %, empty %, FA, and the % of safe prompts refused (eval.refusal_sets; nan when none) with its interval."""
+STAGES = ("base", "aligned", "finetuned")
+"""The models a run evaluates, in order; `<stage>.<metric>` names their metrics in MLflow, sweeps and reports."""
+STAGE_METRICS = tuple(f"{s}.{k}" for s in STAGES for k in METRICS)
+
+
+def stage_metrics(summary: dict) -> dict[str, float]:
+    """{"<stage>.<metric>": value} for the stages a run's summary has so far."""
+    return {f"{s}.{k}": summary[s][k] for s in STAGES if s in summary for k in METRICS}
 
 
 def hs_intervals(counted: Sequence[bool], rates: dict | None) -> dict[str, float]:

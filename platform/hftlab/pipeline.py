@@ -22,7 +22,7 @@ from hftlab.data.records import metric_name
 from hftlab.judges import make_judge
 from hftlab.judges.compare import JudgePanel
 from hftlab.judges.rates import judge_rates
-from hftlab.metrics import METRICS
+from hftlab.metrics import METRICS, STAGES
 from hftlab.plan import Plan, plan, side_pairs
 from hftlab.resources import check_writable, peak_rss_gb
 from hftlab.stages import Generators, answers, base_model, check_gpus_of, complete_plan, evaluate, train_stage
@@ -33,7 +33,6 @@ from hftlab.training.records import groups_parent
 
 __all__ = ["STAGES", "base_model", "format_summary", "plan", "run", "train_stage", "vaa_groups"]
 
-STAGES = ("base", "aligned", "finetuned")
 
 
 def read_groups(path: str, field: str = "align.vaa.group_file") -> dict[str, int]:

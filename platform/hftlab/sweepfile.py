@@ -20,11 +20,10 @@ from hftlab.attackfile import AttackConfig
 from hftlab.config.errors import check
 from hftlab.config.loader import ConfigError, apply_overrides, build, load_config, parse_override, read_yaml
 from hftlab.config.schema import URI
-from hftlab.metrics import METRICS
+from hftlab.metrics import STAGE_METRICS
 from hftlab.space import KINDS, axes, check_space, points
 from hftlab.training.methods import method_of
 
-STAGE_METRICS = tuple(f"{s}.{k}" for s in ("base", "aligned", "finetuned") for k in METRICS)
 EARLY_METRICS = tuple(m for m in STAGE_METRICS if not m.startswith("finetuned."))
 CONSTRAINT = re.compile(r"^\s*([\w.]+)\s*(>=|<=)\s*(-?[\d.]+(?:[eE][-+]?\d+)?)\s*$")
 TRIAL_RESOURCES = "resources.custom"  # in the space: a trial's own Ray custom resources (where it runs), not a config key

@@ -24,11 +24,10 @@ import yaml
 
 from hftlab import sweepfile, tracking
 from hftlab.config.loader import ConfigError, digest, load_config
-from hftlab.metrics import METRICS
+from hftlab.metrics import stage_metrics
 from hftlab.sweepfile import CONSTRAINT, SweepConfig, load_sweep, swept_keys, trial_dotlist, trial_name
 
 REPORTS = 2  # after the aligned model's evaluation, and after the whole run: training_iteration 1 and 2
-STAGES = ("base", "aligned", "finetuned")
 STATE_FILE = "hftlab-sweep.json"
 
 
@@ -49,16 +48,13 @@ def hftlab_trial(config: dict, setup: dict) -> None:
             "ray.trial_name": ctx.get_trial_name(), "ray.job_id": setup["job_id"], "hftlab.git_commit": setup["git_commit"],
             "ray.node_id": ray.get_runtime_context().get_node_id()}  # where it ran: placement by resources.custom
 
-    def metrics(summary: dict) -> dict:
-        return {f"{s}.{k}": summary[s][k] for s in STAGES if s in summary for k in METRICS}
-
     def on_stage(stage: str, summary: dict) -> None:
         if stage == "aligned":  # where a scheduler may stop the trial (tune.report then raises SystemExit)
-            tune.report(metrics(summary))
+            tune.report(stage_metrics(summary))
 
     summary = run(cfg, log=print, parent_run_id=parent, tags=tags, on_stage=on_stage, run_name=trial_name(cfg, config),
                   run_id=tracking.find_child(uri, experiment, parent, ctx.get_trial_id()))
-    tune.report(metrics(summary))  # the last report comes after the run is logged and closed: Tune may end the trial here
+    tune.report(stage_metrics(summary))  # the last report comes after the run is logged and closed: Tune may end the trial here
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
