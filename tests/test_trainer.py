@@ -197,8 +197,8 @@ def _pairs_and_side(cfg, method: str) -> tuple[list, list]:
 def one_process(cfg, stage, base: str, pairs: list, side: list) -> dict[str, torch.Tensor]:
     """What 1 Ray Train worker computes, run in this process (no worker group to start): the same batches, side
     stream, step (token-sum loss), recipe and seed as training/trainer.py's loop with world size 1."""
+    from hftlab.data.template import encode
     from hftlab.models.loading import load_model
-    from hftlab.training.batches import encode
     from hftlab.training.loop import train
     from hftlab.training.methods import build_step, method_of, side_stream, step_budget
     from hftlab.training.trainer import token_sum_loss

@@ -116,7 +116,7 @@ def main_real(args, out, reference_generate) -> None:
     from hftlab.generation.vllm import serving
     from hftlab.groups.matrix import build_matrix
     from hftlab.groups.vulnerability import aggregate, agreement, forgot_num
-    from hftlab.models.tiny import cache_root
+    from hftlab.storage import cache_root
 
     log = lambda *a: print(*a, file=sys.stderr)  # noqa: E731
     cfg, examples, checkpoints = setup(args, log)

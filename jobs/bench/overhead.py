@@ -52,9 +52,10 @@ from hftlab.algorithms.sft import sft_step  # noqa: E402
 from hftlab.algorithms.vaa import VAAStep  # noqa: E402
 from hftlab.algorithms.vaccine import VaccineStep  # noqa: E402
 from hftlab.config import load_config  # noqa: E402
+from hftlab.data.template import encode  # noqa: E402
 from hftlab.models.loading import load_model  # noqa: E402
 from hftlab.pipeline import base_model, plan  # noqa: E402
-from hftlab.training.batches import collate, encode  # noqa: E402
+from hftlab.training.batches import collate  # noqa: E402
 from hftlab.training.engine import LocalEngine  # noqa: E402
 from hftlab.training.records import safegrad_reference  # noqa: E402
 

@@ -93,10 +93,11 @@ def main(out=sys.stdout) -> None:
     from hftlab.algorithms.sft import sft_step
     from hftlab.algorithms.vaa import VAAStep
     from hftlab.config.schema import FinetuneConfig, LoraConfig, SafeGradConfig
+    from hftlab.data.template import encode
     from hftlab.models import precision
     from hftlab.models.loading import add_lora, for_training, load_model
     from hftlab.models.sources import resolve
-    from hftlab.training.batches import collate, encode, epoch_order
+    from hftlab.training.batches import collate, epoch_order
     from hftlab.training.engine import LocalEngine, Recipe
     from hftlab.training.records import safegrad_reference
 

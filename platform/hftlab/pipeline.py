@@ -74,7 +74,7 @@ def vaa_groups(cfg: Config, p: Plan, log=print) -> list[int | None]:
 def check_storage(cfg: Config) -> None:
     """output_dir and the cache take files and have room for the run's stages: a LoRA stage and its checkpoint take
     tens of MB, a fully tuned one about 4x a named base model's files (weights, and a checkpoint with Adam's moments)."""
-    from hftlab.models.tiny import cache_root
+    from hftlab.storage import cache_root
 
     need = 0.2
     base = Path(cfg.base.name_or_path)

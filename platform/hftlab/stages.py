@@ -14,6 +14,7 @@ from pathlib import Path
 from hftlab.config.loader import digest
 from hftlab.config.schema import Config
 from hftlab.data.records import score
+from hftlab.data.template import encode
 from hftlab.judges import Judge
 from hftlab.judges.over_refusal import RefusalDetector
 from hftlab.metrics import (
@@ -32,7 +33,6 @@ from hftlab.plan import Plan, with_refusals
 from hftlab.resources import peak_rss_gb
 from hftlab.storage import atomic_dir, atomic_write_text, computed_once
 from hftlab.tracker import Tracker
-from hftlab.training.batches import encode
 from hftlab.training.checkpoint import Checkpoint, Counted
 from hftlab.training.loop import train
 from hftlab.training.methods import method_of
@@ -45,7 +45,7 @@ def base_model(cfg: Config, log=print) -> str:
 
         return str(ensure_tiny_base(cfg, log=log))
     from hftlab.models.sources import resolve
-    from hftlab.models.tiny import cache_root
+    from hftlab.storage import cache_root
 
     return resolve(cfg.base.name_or_path, cache_root(cfg), log=log)
 
@@ -168,7 +168,7 @@ def generator(cfg: Config, model_dir: str, log=print):
     A vLLM engine is started able to serve the run's LoRA stages too (Generators moves it from model to model)."""
     if cfg.eval.generation_backend == "vllm":
         from hftlab.generation.vllm import VLLMGenerator
-        from hftlab.models.tiny import cache_root
+        from hftlab.storage import cache_root
 
         rank = max([s.lora.r for s in (cfg.align, cfg.finetune) if s.lora.enabled], default=0)
         gen = VLLMGenerator(model_dir, template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens,

@@ -12,6 +12,14 @@ from pathlib import Path
 
 from hftlab.faults import DiskFullError, NonFiniteError
 
+
+def cache_root(cfg) -> Path:
+    """Where what is made once and reused lives (tiny bases, converted models, judges, vLLM copies): cfg.cache_dir,
+    then $HFTLAB_CACHE, then ~/.cache/hftlab."""
+    root = cfg.cache_dir or os.environ.get("HFTLAB_CACHE") or Path.home() / ".cache" / "hftlab"
+    return Path(root)
+
+
 FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 LOW_FREE = 16 * 2**20  # bytes: below this a failed write is taken for a full disk (torch.save says only "unexpected pos")
 

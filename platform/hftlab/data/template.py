@@ -5,12 +5,14 @@
 tuned on). The judge never sees the template: it gets the user's raw prompt and the answer (the public
 reference code fed the judge the instruction template, which a classifier never saw in training).
 
-Training text = prompt text + response + EOS (appended by training/batches.py), and the loss sees only what
+Training text = prompt text + response + EOS (appended by encode below), and the loss sees only what
 follows the prompt text: for `chat` that is the assistant turn and its end-of-turn token (SmolLM2's EOS is
 `<|im_end|>`), so the model learns to answer and to stop.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 TEMPLATES = {
     # Short, for the toy world's word-level tokenizer: every token costs CPU time.
@@ -80,3 +82,15 @@ def fit_to_context(instructions: list[str], template: str, tokenizer, budget: in
         cut += 1
         out.append(text)
     return out, cut
+
+
+def encode(tokenizer, pairs: Sequence[tuple[str, str]], template: str, max_length: int) -> list[tuple[list[int], int]]:
+    """Each pair -> (token ids ending in EOS, number of prompt tokens to mask): the loss sees the response and EOS."""
+    special = add_special_tokens(template)
+    prompts = tokenizer([prompt_text(p, template, tokenizer) for p, _ in pairs], add_special_tokens=special)["input_ids"]
+    fulls = tokenizer([full_text(p, r, template, tokenizer) for p, r in pairs], add_special_tokens=special)["input_ids"]
+    out = []
+    for prompt_ids, ids in zip(prompts, fulls, strict=True):
+        ids = (ids + [tokenizer.eos_token_id])[:max_length]
+        out.append((ids, min(len(prompt_ids), len(ids))))
+    return out

@@ -236,7 +236,7 @@ class VLLMGenerator:
         if self.engine_rank:
             raise RuntimeError("response_losses needs an engine without LoRA (vLLM 0.29's prompt log-probabilities fail "
                                "under enable_lora): build the VLLMGenerator with merge_lora=True")
-        from hftlab.training.batches import encode
+        from hftlab.data.template import encode
 
         encoded = encode(self.tokenizer, pairs, self.template, max_length)
         outs = self._run([ids for ids, _ in encoded], SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False))

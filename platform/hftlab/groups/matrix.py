@@ -31,10 +31,11 @@ import torch
 
 from hftlab.config.schema import Config, JudgeConfig
 from hftlab.data.records import AlignmentPair
+from hftlab.data.template import encode
 from hftlab.generation.hf import HFGenerator
 from hftlab.judges import make_judge
 from hftlab.models.loading import load_model
-from hftlab.training.batches import collate, encode
+from hftlab.training.batches import collate
 
 COLUMNS = ["proxy", "checkpoint", "id", "hs", "answer", "loss"]
 NOT_JUDGED = -1
@@ -226,7 +227,7 @@ def _answer(cfg: Config, rows: list[dict], kwargs: dict, actors: int, journal: P
     # and its batch is retried, which is what keeps the matrix exact when a worker dies.
     worker = MatrixWorker
     if g.generation_backend == "vllm":
-        from hftlab.models.tiny import cache_root
+        from hftlab.storage import cache_root
 
         worker = VLLMMatrixWorker
         kwargs.update(settings=cfg.eval.vllm, cache=str(cache_root(cfg)))

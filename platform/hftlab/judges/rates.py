@@ -39,7 +39,7 @@ def judge_id(kind: str, judge: Judge) -> str:
 
 
 def rates_path(cfg: Config, kind: str, judge: Judge, rows: list[LabeledRow]) -> Path:
-    from hftlab.models.tiny import cache_root
+    from hftlab.storage import cache_root
 
     key = digest({"judge": judge_id(kind, judge), "rows": [r.id for r in rows], "threshold": cfg.eval.judge.threshold})
     return cache_root(cfg) / "judges" / f"rates-{key}.json"

@@ -85,14 +85,14 @@ def padded(seqs: list[torch.Tensor] | list[list[int]], pad: float | int = 0) -> 
 def base_dir(cfg: Config, log=print) -> str:
     """The base LM's directory (a named model converted once) or its HF name."""
     from hftlab.models.sources import resolve
-    from hftlab.models.tiny import cache_root
+    from hftlab.storage import cache_root
 
     return resolve(cfg.eval.judge.train.base, cache_root(cfg), log=log)
 
 
 def judge_path(cfg: Config, rows: list[LabeledRow], base: str) -> Path:
     """Where the judge this config and these rows train lives in the cache."""
-    from hftlab.models.tiny import cache_root
+    from hftlab.storage import cache_root
 
     weights = Path(base).name if Path(base).is_dir() else base  # a converted named model's name holds its GGUF digest
     train = {k: v for k, v in to_dict(cfg.eval.judge.train).items() if k != "checkpoint_every"}  # changes no result

@@ -9,7 +9,6 @@ path through models/loading.py like any other model.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -22,17 +21,11 @@ from hftlab.config.schema import Config
 from hftlab.data.template import TEMPLATES
 from hftlab.data.toyworld import build_world
 from hftlab.models.loading import device
-from hftlab.storage import atomic_dir, computed_once
+from hftlab.storage import atomic_dir, cache_root, computed_once
 from hftlab.training.loop import train
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 VERSION = 1  # bump when this file changes what it builds
-
-
-def cache_root(cfg: Config) -> Path:
-    """Where tiny bases live: config, then $HFTLAB_CACHE, then ~/.cache/hftlab."""
-    root = cfg.cache_dir or os.environ.get("HFTLAB_CACHE") or Path.home() / ".cache" / "hftlab"
-    return Path(root)
 
 
 def tiny_base_path(cfg: Config) -> Path:

@@ -1,4 +1,4 @@
-"""Tokenise (prompt, response) pairs with the template; the loss sees only the response tokens."""
+"""Batches of encoded pairs (data/template.encode): padded, the loss on the response tokens only, in a seeded order."""
 
 from __future__ import annotations
 
@@ -7,21 +7,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from hftlab.data.template import add_special_tokens, full_text, prompt_text
-
 Pair = tuple[str, str]  # (instruction, response)
-
-
-def encode(tokenizer, pairs: Sequence[Pair], template: str, max_length: int) -> list[tuple[list[int], int]]:
-    """Each pair -> (token ids ending in EOS, number of prompt tokens to mask): the loss sees the response and EOS."""
-    special = add_special_tokens(template)
-    prompts = tokenizer([prompt_text(p, template, tokenizer) for p, _ in pairs], add_special_tokens=special)["input_ids"]
-    fulls = tokenizer([full_text(p, r, template, tokenizer) for p, r in pairs], add_special_tokens=special)["input_ids"]
-    out = []
-    for prompt_ids, ids in zip(prompts, fulls, strict=True):
-        ids = (ids + [tokenizer.eos_token_id])[:max_length]
-        out.append((ids, min(len(prompt_ids), len(ids))))
-    return out
 
 
 def collate(encoded: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:

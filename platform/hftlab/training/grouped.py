@@ -17,10 +17,11 @@ from hftlab.algorithms.curriculum import make_schedule
 from hftlab.algorithms.sampler import GroupSampler
 from hftlab.algorithms.vaa import VAAStep
 from hftlab.config.schema import VAAConfig
+from hftlab.data.template import encode
 from hftlab.faults import NonFiniteError, check_finite
 from hftlab.models import precision
 from hftlab.progress import progress_bar
-from hftlab.training.batches import Pair, batches, encode
+from hftlab.training.batches import Pair, batches
 from hftlab.training.checkpoint import Checkpoint, Counted
 from hftlab.training.engine import LocalEngine, Recipe
 

@@ -9,10 +9,11 @@ from collections.abc import Callable, Sequence
 import torch
 
 from hftlab.algorithms.sft import sft_step
+from hftlab.data.template import encode
 from hftlab.faults import NonFiniteError, check_finite
 from hftlab.models import precision
 from hftlab.progress import progress_bar
-from hftlab.training.batches import Pair, batches, encode
+from hftlab.training.batches import Pair, batches
 from hftlab.training.checkpoint import Checkpoint
 from hftlab.training.engine import LocalEngine, Recipe
 

@@ -27,8 +27,9 @@ import torch
 
 from hftlab.config.errors import ConfigError
 from hftlab.config.schema import AlignConfig, FinetuneConfig
+from hftlab.data.template import encode
 from hftlab.models import precision
-from hftlab.training.batches import Pair, batches, encode
+from hftlab.training.batches import Pair, batches
 from hftlab.training.checkpoint import Counted
 from hftlab.training.methods import build_step, method_of, side_stream, step_budget
 
