@@ -35,6 +35,7 @@ def ascent():
     REGISTRY.pop("ascent")
 
 
+@pytest.mark.slow
 def test_a_method_registered_through_its_record_alone_runs_through_the_smoke_pipeline(smoke, ascent):
     from hftlab.pipeline import run
     from hftlab.stageplan import stages_of

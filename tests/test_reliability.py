@@ -84,7 +84,7 @@ def test_a_stage_killed_mid_way_resumes_from_its_checkpoint_to_the_same_weights(
 
 
 def test_a_nan_stops_the_stage_naming_stage_step_and_method_and_keeps_the_last_checkpoint(smoke, monkeypatch):
-    import hftlab.algorithms.sft as sft  # the SFT step the records build (training/methods.build_sft)
+    import hftlab.algorithms.sft as sft  # the SFT step the records build (training/method.build_sft)
 
     cfg = smoke("align.checkpoint_every=2", "tracking.enabled=false")
     base = base_model(cfg)

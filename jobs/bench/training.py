@@ -98,8 +98,8 @@ def main(out=sys.stdout) -> None:
     from hftlab.models.loading import add_lora, for_training, load_model
     from hftlab.models.sources import resolve
     from hftlab.training.batches import collate, epoch_order
+    from hftlab.training.builtin_methods import safegrad_reference
     from hftlab.training.engine import LocalEngine, Recipe
-    from hftlab.training.records import safegrad_reference
 
     model_dir = resolve(args.model, Path(args.cache), log=lambda *a: print(*a, file=sys.stderr))
     data = Path(args.data) / "beavertails"

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from hftlab.config.errors import check
 from hftlab.space import check_space, grid_size
-from hftlab.training.methods import BASELINE
+from hftlab.training.method import BASELINE
 
 SEARCHES = ("grid", "random", "tpe")
 

@@ -5,7 +5,7 @@ local directory's `config.json` (read as JSON, no weights). The estimates are th
 stated where it is used, so a reader can check them by hand:
 - training: 6 N FLOPs per token with every weight trained, 4 N under LoRA (forward 2 N, backward through the
   activations 2 N, no weight gradients for the frozen base), + 2 N with gradient checkpointing (one more forward),
-  times the method's passes per step (its record's `passes`, training/records.py), at TRAIN_MFU of the
+  times the method's passes per step (its record's `passes`, training/builtin_methods.py), at TRAIN_MFU of the
   accelerator's dense bf16 peak;
 - prompt processing (prefill, judging): 2 N FLOPs per token at PREFILL_MFU;
 - decoding: memory-bound, one read of the weights per step for a whole batch: batch x bandwidth x DECODE_EFF /

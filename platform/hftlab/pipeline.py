@@ -28,8 +28,8 @@ from hftlab.resources import check_writable, peak_rss_gb
 from hftlab.stages import Generators, answers, base_model, check_gpus_of, complete_plan, evaluate, train_stage
 from hftlab.tracker import Tracker
 from hftlab.tracking import ui_hint
+from hftlab.training.builtin_methods import groups_parent
 from hftlab.training.methods import method_of
-from hftlab.training.records import groups_parent
 
 __all__ = ["STAGES", "base_model", "format_summary", "plan", "run", "train_stage", "vaa_groups"]
 

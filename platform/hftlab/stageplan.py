@@ -18,8 +18,8 @@ from pathlib import Path
 
 from hftlab.config import Config, digest, load_config
 from hftlab.costs import ACCELERATORS, BYTES, gpu_seconds, memory_gb, model_params_b, train_flops
+from hftlab.training.builtin_methods import groups_parent
 from hftlab.training.methods import method_of
-from hftlab.training.records import groups_parent
 
 PROMPT_TOKENS = 64
 """Tokens assumed per prompt when prompts are processed (generation prefill, judging): the HS prompt sets' prompts

@@ -1,4 +1,5 @@
-"""The built-in methods' records (training/methods.py): each method's name, cost, side data and step, declared once.
+"""The built-in methods' records (training/method.py): each method's name, cost, side data and step, declared once.
+The registry (training/methods.py) starts with them.
 
 Passes per step count forward+backward passes relative to an SFT step, as each algorithm file's docstring does.
 """
@@ -10,17 +11,20 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from hftlab.config.errors import check
-from hftlab.training.methods import BASELINE, Batch, Method, Stage, StepInputs, build_sft, register
+from hftlab.training.method import BASELINE, Batch, Method, Stage, StepInputs, build_sft
 
 if TYPE_CHECKING:  # loaded by the config's validation, which must not load torch
     import torch
+
+
+BUILTIN: list[Method] = []
 
 
 def _one(stage: Stage, total_steps: int) -> float:
     return 1.0
 
 
-register(Method(BASELINE, ("align", "finetune"), passes=_one, build=build_sft))
+BUILTIN.append(Method(BASELINE, ("align", "finetune"), passes=_one, build=build_sft))
 
 
 # --- VAA (algorithms/vaa.py): Group DRO over vulnerability groups, its own loop in training/grouped.py -------------
@@ -33,7 +37,7 @@ def _vaa_passes(stage: Stage, total_steps: int) -> float:
     return expected_backward(v.rho, v.objective, make_schedule(v.curriculum, v.lam), total_steps)
 
 
-register(Method("vaa", ("align",), passes=_vaa_passes, grouped=True,
+BUILTIN.append(Method("vaa", ("align",), passes=_vaa_passes, grouped=True,
                 groups_stage=lambda stage: stage.vaa.group_file is None))
 
 
@@ -55,7 +59,7 @@ def _build_vaccine(stage: Stage, engine, inputs: StepInputs) -> Callable:
     return VaccineStep(rho=stage.vaccine.rho, module_suffix=suffix, loss_fn=inputs.loss_fn)
 
 
-register(Method("vaccine", ("align",), passes=lambda stage, total: 2.0, build=_build_vaccine))
+BUILTIN.append(Method("vaccine", ("align",), passes=lambda stage, total: 2.0, build=_build_vaccine))
 
 
 # --- Booster (algorithms/booster.py): attenuating the harmful perturbation, three passes over harmful side data ---
@@ -65,7 +69,7 @@ def _build_booster(stage: Stage, engine, inputs: StepInputs) -> Callable:
     return BoosterStep(inputs.side, lam=stage.booster.lam, alpha=stage.booster.alpha, loss_fn=inputs.loss_fn)
 
 
-register(Method("booster", ("align",), passes=lambda stage, total: 3.0, build=_build_booster, side="harmful",
+BUILTIN.append(Method("booster", ("align",), passes=lambda stage, total: 3.0, build=_build_booster, side="harmful",
                 side_batch_size=lambda s: s.batch_size if s.booster.harmful_batch_size is None else s.booster.harmful_batch_size))
 
 
@@ -83,7 +87,7 @@ def _check_repnoise(stage: Stage) -> None:
           "bucketed batches would break RepNoise's pairing (repnoise.paired): use random")
 
 
-register(Method("repnoise", ("align",), passes=lambda stage, total: 2.0, build=_build_repnoise, side="harmful",
+BUILTIN.append(Method("repnoise", ("align",), passes=lambda stage, total: 2.0, build=_build_repnoise, side="harmful",
                 side_paired=lambda s: s.repnoise.paired, check=_check_repnoise))
 
 
@@ -135,7 +139,7 @@ def _build_safegrad(stage: Stage, engine, inputs: StepInputs) -> Callable:
                         cadence=sg.cadence, loss_fn=inputs.loss_fn)
 
 
-register(Method("safegrad", ("finetune",), passes=lambda s, total: 1.0 + 1.0 / max(s.safegrad.cadence, 1),
+BUILTIN.append(Method("safegrad", ("finetune",), passes=lambda s, total: 1.0 + 1.0 / max(s.safegrad.cadence, 1),
                 build=_build_safegrad, side="alignment", side_batch_size=lambda s: s.safegrad.batch_size,
                 side_limit=lambda s: ("finetune.safegrad.n_alignment", s.safegrad.n_alignment),
                 reference_apart=lambda s: s.safegrad.align_loss == "kl" and not s.lora.enabled))
@@ -152,5 +156,5 @@ def _build_lisa(stage: Stage, engine, inputs: StepInputs) -> Callable:
 
 
 # Lisa's alignment batch is the stage's batch size (git-disl/Lisa trainer.py:L63-L64 @ 68e3659)
-register(Method("lisa", ("finetune",), passes=_one, build=_build_lisa, side="alignment",
+BUILTIN.append(Method("lisa", ("finetune",), passes=_one, build=_build_lisa, side="alignment",
                 side_limit=lambda s: ("finetune.lisa.n_alignment", s.lisa.n_alignment)))
