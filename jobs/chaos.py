@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
-from hftlab.mlflow_store import prepare, state  # noqa: E402
+from hftlab.tracking.store import prepare, state  # noqa: E402
 
 TIMING = ("seconds", "rss")
 

@@ -21,8 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from hftlab.config import load_config  # noqa: E402
-from hftlab.paired import paired_difference, power_line  # noqa: E402
-from hftlab.pipeline import run  # noqa: E402
+from hftlab.report.paired_stats import paired_difference, power_line  # noqa: E402
+from hftlab.run.pipeline import run  # noqa: E402
 
 
 def cell(values: list[float]) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # works without an install too
 
 from hftlab.config import ConfigError, load_config  # noqa: E402
-from hftlab.pipeline import run  # noqa: E402
+from hftlab.run.pipeline import run  # noqa: E402
 
 
 def main() -> int:

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hftlab import tracking
-from hftlab.attacks import best_so_far, guarded, worst_case
 from hftlab.config import ConfigError
-from hftlab.sweepfile import load_sweep
+from hftlab.sweep.attacks import best_so_far, guarded, worst_case
+from hftlab.sweep.spec import load_sweep
+from hftlab.tracking import client as tracking
 from tests.conftest import REPO
 from tests.test_sweeps import TINY, kill_ray_of
 
@@ -154,7 +154,7 @@ def test_nested_sweep_worst_case_shared_alignment_and_resume_after_a_kill(tmp_pa
 def test_tpe_and_random_searches_run_their_budget_against_one_defense(tmp_path, tiny_cache, ray_local, search):
     """Optuna's TPE (through Ray Tune's OptunaSearch) and the seeded random search: `budget` attacks drawn from
     choices and a log-uniform range; with no share guard there is no reference run and every attack counts."""
-    from hftlab.sweeps import run_sweep
+    from hftlab.sweep.runner import run_sweep
 
     name = f"search-{search}"
     path = write_nested(tmp_path, tiny_cache, name, {"align.method": {"grid": ["sft"]}},

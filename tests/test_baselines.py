@@ -373,7 +373,7 @@ def test_repnoise_defaults_are_the_reference_weights():
 
 def test_repnoise_paired_side_pairs_answer_the_same_prompts():
     from hftlab.config import load_config
-    from hftlab.plan import plan, side_pairs
+    from hftlab.run.inputs import plan, side_pairs
     from tests.conftest import REPO
 
     cfg = load_config(REPO / "configs" / "smoke.yaml", ["align.method=repnoise", "align.repnoise.paired=true",

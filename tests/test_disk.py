@@ -22,7 +22,7 @@ import hashlib, json, sys
 from pathlib import Path
 from hftlab.config import ConfigError, load_config
 from hftlab.faults import DiskFullError
-from hftlab.pipeline import run
+from hftlab.run.pipeline import run
 
 disk, cache, case = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 out = disk / "outputs"

@@ -1,4 +1,4 @@
-"""Dose-response summaries (dose.py) and the report's dose section, on hand-made numbers worked out below."""
+"""Dose-response summaries (report/dose_stats.py) and the report's dose section, on hand-made numbers worked out below."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 
 from hftlab.cli import main
-from hftlab.dose import auc, compare, paired_bootstrap, welch_p
+from hftlab.report.dose_stats import auc, compare, paired_bootstrap, welch_p
 
 
 def test_auc_is_the_mean_height_over_the_range():
@@ -51,7 +51,7 @@ def test_report_draws_curves_areas_and_tests(tmp_path):
     HS values) x 3 seeds; the dose table, the tests and the PNG come out of `hftlab report`."""
     import mlflow
 
-    from hftlab import tracking
+    from hftlab.tracking import client as tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = tracking.start_parent(uri, "dose", "dose", tags={"hftlab.role": "sweep"}, params={})
@@ -92,7 +92,7 @@ def test_report_of_one_setting_over_seeds_still_tests_the_methods(tmp_path):
     """No axis varies (one task, one lr), several seeds: the report adds the per-method stats and pairwise tests."""
     import mlflow
 
-    from hftlab import tracking
+    from hftlab.tracking import client as tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = tracking.start_parent(uri, "abl", "abl", tags={"hftlab.role": "sweep"}, params={})

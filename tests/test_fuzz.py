@@ -16,8 +16,8 @@ from hftlab.config.loader import load_config
 from hftlab.data.prompt_sets import load_prompt_set, load_safe_set
 from hftlab.data.sources import load_pairs, load_task
 from hftlab.data.splits import load_labeled
-from hftlab.pipeline import read_groups
-from hftlab.sweepfile import load_sweep
+from hftlab.run.pipeline import read_groups
+from hftlab.sweep.spec import load_sweep
 
 from .conftest import REPO
 

@@ -65,7 +65,7 @@ def test_length_sorted_loss_batches_give_each_rows_own_loss(smoke):
     from hftlab.data.toyworld import build_world
     from hftlab.groups.matrix import response_losses
     from hftlab.models.loading import load_model
-    from hftlab.pipeline import base_model
+    from hftlab.run.pipeline import base_model
 
     cfg = smoke()
     model, tok = load_model(base_model(cfg, log=lambda *_: None))
@@ -136,7 +136,7 @@ def test_killing_a_matrix_actor_loses_and_duplicates_no_row(smoke, ray_local, tm
 
     from hftlab.data.toyworld import build_world
     from hftlab.groups.matrix import build_matrix
-    from hftlab.pipeline import base_model
+    from hftlab.run.pipeline import base_model
 
     cfg = smoke("groups.batch_size=8", "groups.actors=2")
     base = base_model(cfg, log=lambda *_: None)
@@ -188,9 +188,9 @@ def test_a_proxy_killed_mid_way_resumes_to_an_uninterrupted_proxys_checkpoints(s
     from safetensors.torch import load_file
 
     from hftlab.groups.proxy import run_proxy
-    from hftlab.plan import plan
-    from hftlab.stages import base_model, train_stage
-    from hftlab.tracker import Tracker
+    from hftlab.run.inputs import plan
+    from hftlab.run.stages import base_model, train_stage
+    from hftlab.tracking.logger import Tracker
     from hftlab.training.checkpoint import Checkpoint
 
     cfg = smoke("tracking.enabled=false")
@@ -238,7 +238,7 @@ def test_a_matrix_stopped_mid_way_answers_only_the_missing_rows_on_rerun(smoke, 
 
     from hftlab.data.toyworld import build_world
     from hftlab.groups.matrix import build_matrix
-    from hftlab.pipeline import base_model
+    from hftlab.run.pipeline import base_model
 
     cfg = smoke("groups.batch_size=8", "groups.actors=1")
     base = base_model(cfg, log=lambda *_: None)

@@ -14,18 +14,18 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hftlab.config import ConfigError
 from hftlab.data.splits import LabeledRow, load_labeled, load_split
 from hftlab.data.toyworld import build_world
-from hftlab.judge_eval import run_eval
 from hftlab.judges import make_judge, scores
+from hftlab.judges.agreement import flat_metrics, markdown, score
 from hftlab.judges.classifier import JudgeNet
 from hftlab.judges.compare import JudgePanel, kappa
-from hftlab.judges.eval import flat_metrics, markdown, score
 from hftlab.judges.labels import HARM_CATEGORIES, category_flags, contrast_of, train_rows
 from hftlab.judges.llama_guard import parse_verdict
 from hftlab.judges.refusal import RefusalJudge
 from hftlab.judges.trained import TrainedJudge, ensure_trained_judge, judge_path
 from hftlab.models.loading import load_model
 from hftlab.models.tiny import train_tokenizer
-from hftlab.plan import check_judges
+from hftlab.run.inputs import check_judges
+from hftlab.run.judge_eval import run_eval
 from tests.conftest import SHARED_DATA
 
 BEAVERTAILS = SHARED_DATA / "beavertails"

@@ -37,8 +37,8 @@ def ascent():
 
 @pytest.mark.slow
 def test_a_method_registered_through_its_record_alone_runs_through_the_smoke_pipeline(smoke, ascent):
-    from hftlab.pipeline import run
-    from hftlab.stageplan import stages_of
+    from hftlab.plan.estimate import stages_of
+    from hftlab.run.pipeline import run
     from hftlab.training.methods import step_budget
 
     cfg = smoke("align.method=ascent", "align.epochs=1", "finetune.epochs=1", "tracking.enabled=false")
@@ -49,7 +49,7 @@ def test_a_method_registered_through_its_record_alone_runs_through_the_smoke_pip
     summary = run(cfg, log=lambda *_: None)
     for stage in ("base", "aligned", "finetuned"):
         assert 0.0 <= summary[stage]["hs"] <= 100.0 and 0.0 <= summary[stage]["fa"] <= 100.0
-    from hftlab.plan import plan
+    from hftlab.run.inputs import plan
 
     p = plan(cfg)
     assert ascent["steps"] == step_budget(cfg.align, len(p.align_pairs)) > 0  # every step was the record's

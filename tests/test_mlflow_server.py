@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from hftlab.pipeline import run
+from hftlab.run.pipeline import run
 
 
 def rest(url: str, path: str, body: dict | None = None) -> dict:

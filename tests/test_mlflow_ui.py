@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from hftlab import tracking
-from hftlab.pipeline import run
-from hftlab.sweepfile import SweepConfig
-from hftlab.sweeps import finish
+from hftlab.run.pipeline import run
+from hftlab.sweep.runner import finish
+from hftlab.sweep.spec import SweepConfig
+from hftlab.tracking import client as tracking
 from tests.conftest import REPO, free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

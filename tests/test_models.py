@@ -110,7 +110,7 @@ def test_gradient_checkpointing_trains_to_the_same_weights(base_dir, smoke, meth
     """base.gradient_checkpointing only trades memory for compute: LoRA (with dropout) trained 4 steps by SFT or by VAA
     (the SAM-like perturbation's two passes) ends at the same weights with and without recomputation."""
     from hftlab.models.loading import for_training
-    from hftlab.plan import plan
+    from hftlab.run.inputs import plan
     from hftlab.training.grouped import train_vaa
 
     cfg = smoke()

@@ -9,7 +9,7 @@ import pytest
 
 from hftlab.config import ConfigError, load_config
 from hftlab.data.toyworld import build_world
-from hftlab.pipeline import plan, run
+from hftlab.run.pipeline import plan, run
 from tests.conftest import REPO
 
 

@@ -17,12 +17,12 @@ from hftlab.config.schema import LoraConfig
 from hftlab.data.records import TaskExample, prompt_key, rouge_l, score
 from hftlab.data.splits import load_split
 from hftlab.data.template import encode, prompt_text
-from hftlab.distill import keep, last_sentence_cut
 from hftlab.generation.hf import HFGenerator
 from hftlab.judges.refusal import RefusalJudge
 from hftlab.models.loading import add_lora, load_model
 from hftlab.models.sources import check_model_ref, resolve
-from hftlab.plan import plan
+from hftlab.run.distill import keep, last_sentence_cut
+from hftlab.run.inputs import plan
 from hftlab.training.batches import batches
 from hftlab.training.loop import train
 

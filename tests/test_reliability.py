@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 
 from hftlab.config.errors import ConfigError
 from hftlab.faults import NonFiniteError
-from hftlab.plan import plan, side_pairs
-from hftlab.stages import base_model, train_stage
-from hftlab.tracker import Tracker
+from hftlab.run.inputs import plan, side_pairs
+from hftlab.run.stages import base_model, train_stage
+from hftlab.tracking.logger import Tracker
 from hftlab.training.checkpoint import Checkpoint
 
 from .conftest import REPO
@@ -113,7 +113,7 @@ def test_a_nan_stops_the_stage_naming_stage_step_and_method_and_keeps_the_last_c
 
 
 def test_an_unwritable_output_dir_fails_before_any_work(smoke, tmp_path):
-    from hftlab.pipeline import run
+    from hftlab.run.pipeline import run
 
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the output directory should be")
@@ -128,9 +128,9 @@ RACE = """
 import sys, time
 from pathlib import Path
 from hftlab.config import load_config
-from hftlab.plan import plan
-from hftlab.stages import base_model, train_stage
-from hftlab.tracker import Tracker
+from hftlab.run.inputs import plan
+from hftlab.run.stages import base_model, train_stage
+from hftlab.tracking.logger import Tracker
 cfg = load_config(sys.argv[1], sys.argv[3:])
 base = base_model(cfg)
 p = plan(cfg)
@@ -257,7 +257,7 @@ def _mlflow_server(tmp_path: Path, port: int, log_name: str) -> subprocess.Popen
 def test_mlflow_stopped_mid_run_and_restarted_ends_up_with_every_metric(smoke, tmp_path):
     import mlflow
 
-    from hftlab.pipeline import run
+    from hftlab.run.pipeline import run
 
     from .conftest import free_port, stop_group
 
@@ -299,8 +299,8 @@ def test_mlflow_stopped_mid_run_and_restarted_ends_up_with_every_metric(smoke, t
 
 
 def test_mlflow_unreachable_at_start_stops_at_once_or_logs_locally(smoke, tmp_path):
-    from hftlab.pipeline import run
-    from hftlab.tracker import Tracker
+    from hftlab.run.pipeline import run
+    from hftlab.tracking.logger import Tracker
 
     from .conftest import free_port
 
@@ -325,8 +325,8 @@ def test_mlflow_unreachable_at_start_stops_at_once_or_logs_locally(smoke, tmp_pa
 def test_a_tracking_uri_password_is_never_a_param_nor_printed(smoke, mlflow_server, capsys):
     import mlflow
 
-    from hftlab.pipeline import format_summary
-    from hftlab.tracker import Tracker
+    from hftlab.run.pipeline import format_summary
+    from hftlab.tracking.logger import Tracker
 
     secret_uri = mlflow_server.replace("http://", "http://alice:s3cr3t-pw@")  # the server ignores the credentials
     cfg = smoke(f"tracking.tracking_uri={secret_uri}")

@@ -11,8 +11,8 @@ import csv
 import mlflow
 import pytest
 
-from hftlab import tracking
 from hftlab.cli import main
+from hftlab.tracking import client as tracking
 
 
 @pytest.fixture(scope="module")

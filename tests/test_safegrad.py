@@ -201,7 +201,7 @@ def test_cached_reference_serves_any_batch_of_the_alignment_set_as_a_reference_f
 def test_pipeline_runs_safegrad_and_tracks_the_conflict_rate(smoke, tmp_path):
     import mlflow
 
-    from hftlab.pipeline import run
+    from hftlab.run.pipeline import run
 
     cfg = smoke("finetune.method=safegrad", "finetune.safegrad.mode=per_tensor", "finetune.safegrad.n_alignment=20")
     summary = run(cfg, log=lambda *_: None)

@@ -10,7 +10,7 @@ import torch
 from hftlab.config.errors import ConfigError
 from hftlab.models import precision
 from hftlab.models.loading import load_model
-from hftlab.pipeline import base_model
+from hftlab.run.pipeline import base_model
 from hftlab.training.batches import batches, epoch_order
 from hftlab.training.loop import train
 

@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from hftlab.config import ConfigError
-from hftlab.costs import ACCELERATORS, TRAIN_MFU
-from hftlab.stageplan import check_cluster, make_plan
+from hftlab.plan.costs import ACCELERATORS, TRAIN_MFU
+from hftlab.plan.estimate import check_cluster, make_plan
 from tests.conftest import REPO
 
 PAPER = "configs/paper/beavertails-sst2-llama2.yaml"

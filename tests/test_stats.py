@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from hftlab.paired import paired_difference, power_line
+from hftlab.report.paired_stats import paired_difference, power_line
 from hftlab.stats import corrected_interval, min_detectable_difference, paired_bootstrap, rogan_gladen, wilson
 
 

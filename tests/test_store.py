@@ -1,4 +1,4 @@
-"""The local MLflow store is created atomically (hftlab/mlflow_store.py, docs/reliability.md): two processes making
+"""The local MLflow store is created atomically (hftlab/tracking/store.py, docs/reliability.md): two processes making
 one new store both succeed; a store left half-made by a killed creation is rebuilt when it holds nothing and refused
 with one line when it holds runs; a driver killed while the store is being made reruns to an uninterrupted run's
 metrics. Real MLflow, real processes, real SIGKILL."""
@@ -16,9 +16,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from hftlab import mlflow_store
 from hftlab.config.errors import ConfigError
-from hftlab.mlflow_store import prepare, state
+from hftlab.tracking import store as mlflow_store
+from hftlab.tracking.store import prepare, state
 
 from .conftest import REPO
 from .test_reliability import _metrics, _run, assert_same_metrics
@@ -29,7 +29,7 @@ RACE = """
 import sys, time
 from pathlib import Path
 from hftlab.config import load_config
-from hftlab.tracker import Tracker
+from hftlab.tracking.logger import Tracker
 cfg = load_config(sys.argv[1], sys.argv[3:])
 while not Path(sys.argv[2]).exists():  # both open the new store at once
     time.sleep(0.005)
@@ -57,6 +57,14 @@ def test_two_processes_creating_one_new_store_at_once_both_succeed(tmp_path):
 
 
 CREATE = "import sys, mlflow; mlflow.MlflowClient(sys.argv[1]).search_experiments()"  # MLflow making a store itself
+
+
+def _size(path: Path) -> int:
+    """A file's size, 0 once it is gone (the store's journal comes and goes while we look)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def half_made(db: Path) -> str:
@@ -136,7 +144,7 @@ def test_a_driver_killed_while_the_new_store_is_made_reruns_to_an_uninterrupted_
         args = [*common, f"output_dir={work / 'D'}", f"tracking.tracking_uri=sqlite:///{db}"]
         procs.append(_run(args, work / "log1"))
         end = time.time() + 300
-        while not any(t.stat().st_size > 200_000 for t in work.glob(".D.db.tmp-*") if t.exists()):  # migrating
+        while not any(_size(t) > 200_000 for t in work.glob(".D.db.tmp-*")):  # migrating
             assert procs[-1].poll() is None and time.time() < end, (work / "log1").read_text()
             time.sleep(0.002)
         os.kill(procs[-1].pid, signal.SIGKILL)

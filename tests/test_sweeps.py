@@ -22,10 +22,10 @@ import mlflow
 import pytest
 import yaml
 
-from hftlab import tracking
 from hftlab.cli import main
 from hftlab.config import ConfigError
-from hftlab.sweepfile import custom_resources, load_sweep, swept_keys, to_overrides, trial_dotlist, trial_resources
+from hftlab.sweep.spec import custom_resources, load_sweep, swept_keys, to_overrides, trial_dotlist, trial_resources
+from hftlab.tracking import client as tracking
 from tests.conftest import REPO
 
 TINY = ["finetune.n=100", "finetune.epochs=2", "align.epochs=2", "eval.n_harmful=20", "eval.n_task=20"]
@@ -122,7 +122,7 @@ def test_four_trial_sweep_logs_parent_and_children_to_a_server_and_reports_them(
                                                                                  ray_local, monkeypatch):
     from ray.tune import ExperimentAnalysis
 
-    from hftlab.sweeps import run_sweep
+    from hftlab.sweep.runner import run_sweep
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # the server is found the way a cluster job finds it
     space = {"finetune.poison_ratio": {"grid": [0.05, 0.3]}, "seed": {"grid": [0, 1]}}
@@ -179,7 +179,7 @@ def test_four_trial_sweep_logs_parent_and_children_to_a_server_and_reports_them(
 def test_two_concurrent_trials_share_one_aligned_model_trained_once(tmp_path, tiny_cache, ray_local):
     """The grid's way of sharing stages: two trials start at once and need the same aligned model (same seed, two
     poison ratios); one trains it, the other waits on its lock and reuses it (storage.computed_once)."""
-    from hftlab.sweeps import run_sweep
+    from hftlab.sweep.runner import run_sweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     path = write_sweep(tmp_path, tiny_cache, uri, "shared", {"finetune.poison_ratio": {"grid": [0.05, 0.3]}},
@@ -197,7 +197,7 @@ def test_two_concurrent_trials_share_one_aligned_model_trained_once(tmp_path, ti
 
 @pytest.mark.slow
 def test_asha_stops_a_trial_whose_alignment_failed_before_it_fine_tunes(tmp_path, tiny_cache, ray_local):
-    from hftlab.sweeps import run_sweep
+    from hftlab.sweep.runner import run_sweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # one trial at a time, in grid order: lr 5e-4 aligns (aligned HS 0), lr 1e-7 does not (aligned HS ~ base HS);

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from hftlab.data.toyworld import build_world
-from hftlab.pipeline import base_model
+from hftlab.run.pipeline import base_model
 from hftlab.training.trainer import train_distributed
 
 
@@ -66,7 +66,7 @@ def test_two_workers_match_one_worker(smoke, ray_local, tmp_path, method):
 
 @pytest.mark.slow
 def test_pipeline_aligns_on_two_ray_train_workers(smoke, ray_local):
-    from hftlab.pipeline import run
+    from hftlab.run.pipeline import run
 
     summary = run(smoke("align.workers=2", "finetune.workers=2", "finetune.n=300"), log=lambda *_: None)
     assert summary["base"]["hs"] >= 80.0 and summary["aligned"]["hs"] <= 20.0
@@ -175,7 +175,7 @@ def test_lora_on_two_workers_matches_one_worker_and_saves_only_the_adapter(smoke
 @pytest.mark.slow
 def test_gpus_asked_of_a_cluster_without_any_fail_at_once_naming_the_field(smoke, ray_local):
     from hftlab.config import ConfigError
-    from hftlab.pipeline import run
+    from hftlab.run.pipeline import run
 
     with pytest.raises(ConfigError, match=r"finetune\.use_gpu=True: asks for one GPU per Ray Train worker \(2\), "
                                           r"and the Ray cluster has 0"):

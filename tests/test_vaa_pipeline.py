@@ -9,7 +9,7 @@ import pytest
 
 from hftlab.config import ConfigError
 from hftlab.groups.vulnerability import assign
-from hftlab.pipeline import plan, run, vaa_groups
+from hftlab.run.pipeline import plan, run, vaa_groups
 
 
 def test_group_ablations():

@@ -159,7 +159,7 @@ def test_the_pipeline_gives_the_same_hs_on_vllm_as_on_hf(real_model, tmp_path):
     (LoRA on LoRA: a merged copy + LoRARequest) evaluated by eval.backend=hf and =vllm give the same HS, the vLLM run's
     three from one engine."""
     from hftlab.config import load_config
-    from hftlab.pipeline import run
+    from hftlab.run.pipeline import run
 
     common = [f"output_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}", f"base.name_or_path={real_model}",
               "tracking.enabled=false", "data.refusals.n=0", "align.n_alignment=8", "align.epochs=1", "align.lr=3e-3",

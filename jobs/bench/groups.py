@@ -43,8 +43,8 @@ from hftlab.groups.matrix import build_matrix, response_losses  # noqa: E402
 from hftlab.groups.proxy import run_proxy  # noqa: E402
 from hftlab.judges import make_judge  # noqa: E402
 from hftlab.models.loading import load_model  # noqa: E402
-from hftlab.pipeline import base_model, plan, train_stage  # noqa: E402
-from hftlab.tracker import Tracker  # noqa: E402
+from hftlab.run.pipeline import base_model, plan, train_stage  # noqa: E402
+from hftlab.tracking.logger import Tracker  # noqa: E402
 
 
 def reference_generate(model, tok, texts: list[str], max_new_tokens: int, add_special_tokens: bool = True) -> list[str]:

@@ -45,9 +45,9 @@ def setup(args, log):
     """(cfg, examples, [aligned, ckpt 1..T]) as the module docstring says."""
     from hftlab.config import load_config
     from hftlab.groups.proxy import run_proxy
-    from hftlab.plan import _task, plan
-    from hftlab.stages import base_model, train_stage
-    from hftlab.tracker import Tracker
+    from hftlab.run.inputs import _task, plan
+    from hftlab.run.stages import base_model, train_stage
+    from hftlab.tracking.logger import Tracker
 
     t = args.checkpoints
     cfg = load_config(REAL, ["tracking.enabled=false", "data.refusals.n=0", f"align.n_alignment={args.examples}",

@@ -54,7 +54,7 @@ from hftlab.algorithms.vaccine import VaccineStep  # noqa: E402
 from hftlab.config import load_config  # noqa: E402
 from hftlab.data.template import encode  # noqa: E402
 from hftlab.models.loading import load_model  # noqa: E402
-from hftlab.pipeline import base_model, plan  # noqa: E402
+from hftlab.run.pipeline import base_model, plan  # noqa: E402
 from hftlab.training.batches import collate  # noqa: E402
 from hftlab.training.builtin_methods import safegrad_reference  # noqa: E402
 from hftlab.training.engine import LocalEngine  # noqa: E402

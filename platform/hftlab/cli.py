@@ -1,6 +1,7 @@
 """`hftlab run | groups | config | judge | sweep | report | plan | tracking`: argument parsing only.
 
-The work is in pipeline.py, groups/, judges/ (train and eval), sweeps.py (Ray Tune) and report.py (tables from MLflow).
+The work is in run/pipeline.py, groups/, judges/ (train and eval), sweep/runner.py (Ray Tune) and report/tables.py
+(tables from MLflow).
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def sweep(args: argparse.Namespace) -> int:
-    from hftlab import sweeps
-    from hftlab.sweepfile import load_sweep
+    from hftlab.sweep import runner as sweeps
+    from hftlab.sweep.spec import load_sweep
 
     spec, _ = load_sweep(args.sweep, args.overrides)  # every trial config checked before Ray starts
     sweeps.connect(args.address, args.num_cpus)
@@ -80,7 +81,7 @@ def sweep(args: argparse.Namespace) -> int:
     if result["interrupted"]:
         return 130
     if spec.report and result["best"] is not None:
-        from hftlab.report import write_report
+        from hftlab.report.tables import write_report
 
         write_report(result["tracking_uri"], result["experiment"], Path("outputs/reports") / result["experiment"],
                      parent=result["parent_run_id"])
@@ -89,8 +90,8 @@ def sweep(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    from hftlab.report import write_report
-    from hftlab.tracking import default_uri
+    from hftlab.report.tables import write_report
+    from hftlab.tracking.client import default_uri
 
     uri = args.tracking_uri or default_uri()
     try:
@@ -108,12 +109,12 @@ def judge(action: str, cfg) -> int:
         torch.set_num_threads(cfg.threads)
     if action == "train":
         from hftlab.judges.trained import ensure_trained_judge
-        from hftlab.plan import check_judges
+        from hftlab.run.inputs import check_judges
 
         check_judges(cfg)
         print(f"trained judge: {ensure_trained_judge(cfg)}")
         return 0
-    from hftlab.judge_eval import run_eval
+    from hftlab.run.judge_eval import run_eval
 
     run_eval(cfg)
     return 0
@@ -128,7 +129,7 @@ def ui_link(uri: str, fragment: str) -> str:
 def plan_command(args: argparse.Namespace) -> int:
     import json
 
-    from hftlab.stageplan import check_cluster, format_plan, gpus_per_trial, make_plan, trials
+    from hftlab.plan.estimate import check_cluster, format_plan, gpus_per_trial, make_plan, trials
 
     plan = make_plan(args.config, args.overrides, args.accelerator)
     print(json.dumps(plan, indent=1) if args.json else format_plan(plan, args.config))
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             return plan_command(args)
         if args.command == "tracking":
-            from hftlab.tracker import sync
+            from hftlab.tracking.logger import sync
 
             return 1 if sync(args.output_dir) else 0
         cfg = load_config(args.config, args.overrides)
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
             run_groups(cfg)
             return 0
-        from hftlab.pipeline import run
+        from hftlab.run.pipeline import run
 
         run(cfg)
     except ConfigError as exc:

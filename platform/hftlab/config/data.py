@@ -83,7 +83,7 @@ class SplitConfig:
 
 @dataclass
 class RefusalConfig:
-    """Distilled refusals (distill.py): the base model answers harmful prompts under a safety system prompt;
+    """Distilled refusals (run/distill.py): the base model answers harmful prompts under a safety system prompt;
     answers with a refusal phrase join the alignment set, without the system prompt (context distillation)."""
 
     n: int = 0

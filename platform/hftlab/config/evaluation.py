@@ -249,7 +249,7 @@ class TrackingConfig:
     """Tracking URI (null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory)."""
     on_error: str = "fail"
     """The tracking server unreachable at start: `fail` stops at once naming tracking.tracking_uri; `local` logs into
-    a SQLite store in output_dir instead (and says so). Going away mid-run is always survived (tracker.py: the outbox,
+    a SQLite store in output_dir instead (and says so). Going away mid-run is always survived (tracking/logger.py: the outbox,
     `hftlab tracking sync`)."""
 
     def __post_init__(self) -> None:

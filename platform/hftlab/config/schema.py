@@ -1,7 +1,7 @@
 """The config schema: the top-level Config; each section lives in its own module, re-exported here.
 
 A field exists once, in one section; its dotted name (`finetune.poison_ratio`) is the CLI override, the sweep
-key and the MLflow param name. Sections: data.py, model.py, methods.py (per-algorithm settings), stages.py
+key and the MLflow param name. Sections: data.py, model.py, methods.py (per-algorithm settings), run/stages.py
 (align, finetune), evaluation.py (eval, judge, groups, tracking).
 """
 

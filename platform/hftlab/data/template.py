@@ -30,7 +30,7 @@ NAMES = (*TEMPLATES, "chat")
 def prompt_text(instruction: str, template: str, tokenizer=None, system: str | None = None) -> str:
     """What the model is given at generation time (`chat` needs the tokenizer: its template is the model's).
 
-    `system` replaces the chat template's default system turn (distill.py elicits refusals with it).
+    `system` replaces the chat template's default system turn (run/distill.py elicits refusals with it).
     """
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):

@@ -21,10 +21,10 @@ from hftlab.config.schema import Config
 from hftlab.groups.matrix import build_matrix
 from hftlab.groups.proxy import run_proxy
 from hftlab.groups.vulnerability import aggregate, agreement, by_loss, forgot_num, overlap
-from hftlab.plan import plan
-from hftlab.stages import base_model, complete_plan, train_stage
+from hftlab.run.inputs import plan
+from hftlab.run.stages import base_model, complete_plan, train_stage
 from hftlab.storage import atomic_dir, computed_once
-from hftlab.tracker import Tracker
+from hftlab.tracking.logger import Tracker
 
 
 def groups_key(cfg: Config, aligned: str, ids: list[str]) -> str:

@@ -192,7 +192,7 @@ def train_judge(tcfg: TrainedJudgeConfig, rows: list[LabeledRow], base: str, out
     stats = {"rows": len(rows), "unsafe_rows": sum(not r.is_safe for r in rows), "train_seconds": seconds,
              "probe_seconds": probe_seconds, "epoch_losses": losses, "final_loss": losses[-1] if losses else float("nan"),
              "threads": torch.get_num_threads(), "device": str(dev), "dtype": dtype}
-    from hftlab.tracking import machine
+    from hftlab.tracking.client import machine
 
     meta = {"version": VERSION, "base": base, "split": net.split, "layers": net.layers, "categories": list(HARM_CATEGORIES),
             "max_length": tcfg.max_length, "max_prompt_tokens": tcfg.max_prompt_tokens, "train": to_dict(tcfg), "dtype": dtype,

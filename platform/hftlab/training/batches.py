@@ -68,3 +68,12 @@ def batches(encoded: Sequence[tuple[list[int], int]], batch_size: int, pad_id: i
         batch["norm"] = torch.tensor(max(tokens, 1) / world, dtype=torch.float32)
         batch["rows"] = torch.tensor(len(mine))  # 0 for a dummy slice: steps that gather rows over ranks skip it
         yield batch
+
+
+def group_stream(encoded: list, batch_size: int, pad_id: int, seed: int, rank: int = 0, world: int = 1,
+                 bucketed: bool = False) -> Iterator[dict]:
+    """Endless batches of one group: epoch after epoch of `batches()` (this rank's slices)."""
+    epoch = 0
+    while True:
+        yield from batches(encoded, batch_size, pad_id, seed, epoch, rank, world, bucketed)
+        epoch += 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -21,18 +21,9 @@ from hftlab.data.template import encode
 from hftlab.faults import NonFiniteError, check_finite
 from hftlab.models import precision
 from hftlab.progress import progress_bar
-from hftlab.training.batches import Pair, batches
+from hftlab.training.batches import Pair, group_stream
 from hftlab.training.checkpoint import Checkpoint, Counted
 from hftlab.training.engine import LocalEngine, Recipe
-
-
-def group_stream(encoded: list, batch_size: int, pad_id: int, seed: int, rank: int = 0, world: int = 1,
-                 bucketed: bool = False) -> Iterator[dict]:
-    """Endless batches of one group: epoch after epoch of `batches()` (this rank's slices)."""
-    epoch = 0
-    while True:
-        yield from batches(encoded, batch_size, pad_id, seed, epoch, rank, world, bucketed)
-        epoch += 1
 
 
 def vaa_setup(items: Sequence, group_of: Sequence[int | None], vaa: VAAConfig, *, epochs: int, batch_size: int, seed: int,

@@ -84,7 +84,7 @@ def side_stream(encoded: Sequence, batch_size: int, pad_id: int, seed: int, devi
     """next() over endless shuffled batches of `encoded` (this rank's slices), moved to `device`. `paired`: the same
     shuffle as the stage's own batches (training/batches.py with `seed`), so row i of both is the same pair index;
     `bucketed`: rows of like length batched together (ignored when `paired`: the pairing is by row)."""
-    from hftlab.training.grouped import group_stream
+    from hftlab.training.batches import group_stream
 
     stream = group_stream(list(encoded), batch_size, pad_id, seed if paired else seed + SIDE_SEED, rank, world,
                           bucketed and not paired)

@@ -76,7 +76,8 @@ def _setup(config: dict, rank: int, world: int):
         side = Counted(side_stream(side_enc, method.side_batch_size(stage), pad, config["seed"], device, rank, world,
                                     paired=method.side_paired(stage), bucketed=stage.bucketed))
     if method.grouped:
-        from hftlab.training.grouped import group_stream, vaa_setup
+        from hftlab.training.batches import group_stream
+        from hftlab.training.grouped import vaa_setup
 
         members, step, total = vaa_setup(encoded, config["groups"], stage.vaa, epochs=stage.epochs,
                                          batch_size=stage.batch_size, seed=config["seed"],

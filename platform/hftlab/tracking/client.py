@@ -1,4 +1,4 @@
-"""MLflow helpers: URIs, experiments, sweeps' parent and child runs, reading runs back (tracker.py: a run's Tracker).
+"""MLflow helpers: URIs, experiments, sweeps' parent and child runs, reading runs back (tracking/logger.py: a run's Tracker).
 
 One run per pipeline invocation, in an experiment named after the config; params are the
 flattened dotted config keys (the same names as the CLI overrides); metrics are `<stage>.hs`,
@@ -26,7 +26,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import mlflow  # noqa: E402
 
 from hftlab.config.schema import Config  # noqa: E402
-from hftlab.mlflow_store import prepare  # noqa: E402
+from hftlab.tracking.store import prepare  # noqa: E402
 
 
 def resolve_uri(cfg: Config) -> str:

@@ -4,7 +4,7 @@ A sweep file names a base config, fixed overrides and a search space over dotted
 trial's config is `load_config(base, overrides + the trial's dotlist)`: the same override language as
 the CLI, so a space key is exactly a CLI key and an MLflow param name. Validation applies every grid
 point (and both ends of every range) to the base config, so an unknown key or a bad value fails as
-`space.<key>=<value>: ...` before Ray starts. `sweeps.py` runs what this module has checked.
+`space.<key>=<value>: ...` before Ray starts. `sweep/runner.py` runs what this module has checked.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from hftlab import tracking
-from hftlab.attackfile import AttackConfig
 from hftlab.config.errors import check
 from hftlab.config.loader import ConfigError, apply_overrides, build, load_config, parse_override, read_yaml
 from hftlab.config.schema import URI
 from hftlab.metrics import STAGE_METRICS
-from hftlab.space import KINDS, axes, check_space, points
+from hftlab.sweep.attack_spec import AttackConfig
+from hftlab.sweep.space import KINDS, axes, check_space, points
+from hftlab.tracking import client as tracking
 from hftlab.training.methods import method_of
 
 EARLY_METRICS = tuple(m for m in STAGE_METRICS if not m.startswith("finetuned."))
@@ -116,7 +116,7 @@ class SweepConfig:
     report: bool = True
     """Write and log the paper-style report (`hftlab report`) when the sweep ends."""
     attack: AttackConfig = field(default_factory=AttackConfig)
-    """An attacker who tunes (attackfile.py): with an `attack.space`, each trial of `space` is a defense whose
+    """An attacker who tunes (sweep/attack_spec.py): with an `attack.space`, each trial of `space` is a defense whose
     aligned model is attacked by `attack.budget` inner trials, scored by the worst HS under the utility guard."""
     uses_ray: bool = False
     """Set by load_sweep (not in files): some trial starts Ray work of its own (VAA's groups stage, Ray Train)."""

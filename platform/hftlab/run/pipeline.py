@@ -23,11 +23,11 @@ from hftlab.judges import make_judge
 from hftlab.judges.compare import JudgePanel
 from hftlab.judges.rates import judge_rates
 from hftlab.metrics import METRICS, STAGES
-from hftlab.plan import Plan, plan, side_pairs
 from hftlab.resources import check_writable, peak_rss_gb
-from hftlab.stages import Generators, answers, base_model, check_gpus_of, complete_plan, evaluate, train_stage
-from hftlab.tracker import Tracker
-from hftlab.tracking import ui_hint
+from hftlab.run.inputs import Plan, plan, side_pairs
+from hftlab.run.stages import Generators, answers, base_model, check_gpus_of, complete_plan, evaluate, train_stage
+from hftlab.tracking.client import ui_hint
+from hftlab.tracking.logger import Tracker
 from hftlab.training.builtin_methods import groups_parent
 from hftlab.training.methods import method_of
 

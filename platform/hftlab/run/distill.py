@@ -5,7 +5,7 @@ benign questions; training on them teaches style, not refusing (measured: docs/r
 harmful prompts are what alignment needs. Here the base model answers harmful prompts with a safety system prompt
 in its system turn; the answers that refuse (a refusal phrase of the keyword judge, not degenerate) are kept, cut
 back to their last full sentence, and join the alignment set *without* the system prompt: the aligned model
-learns to refuse unprompted (context distillation). The prompts come out of the poison pool (plan.py), so the
+learns to refuse unprompted (context distillation). The prompts come out of the poison pool (run/inputs.py), so the
 attack never trains on them, and never from the HS test prompts.
 
 Cached by model, prompts and settings under `<output_dir>/refusals/`, written atomically; two runs that need the same

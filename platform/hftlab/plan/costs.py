@@ -83,7 +83,7 @@ def model_params_b(name_or_path: str, field: str, tiny: dict | None = None) -> f
         return params_from_config_json(local)
     known = ", ".join(sorted(MODEL_PARAMS_B))
     raise ConfigError(field, name_or_path, f"has no known size: give a local directory with a config.json, or add "
-                      f"it to hftlab/costs.py MODEL_PARAMS_B (known: {known})")
+                      f"it to hftlab/plan/costs.py MODEL_PARAMS_B (known: {known})")
 
 
 def train_flops(params_b: float, tokens: float, *, lora: bool, checkpointing: bool, passes: float) -> float:

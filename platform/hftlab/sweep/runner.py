@@ -1,6 +1,6 @@
 """Sweeps on Ray Tune: one pipeline run per trial, one MLflow parent run per sweep with a child run per trial.
 
-`sweepfile.py` loads and checks the sweep file; this module runs it. Why it is shaped this way:
+`sweep/spec.py` loads and checks the sweep file; this module runs it. Why it is shaped this way:
 - A trial reports twice through `tune.report` (after the aligned model's evaluation, then the fine-tuned
   one's), so an optional ASHA scheduler can stop a trial whose alignment already failed.
 - The pipeline reuses every finished stage by its hash under `output_dir`, so a restarted trial redoes
@@ -22,10 +22,11 @@ from pathlib import Path
 
 import yaml
 
-from hftlab import sweepfile, tracking
 from hftlab.config.loader import ConfigError, digest, load_config
 from hftlab.metrics import stage_metrics
-from hftlab.sweepfile import CONSTRAINT, SweepConfig, load_sweep, swept_keys, trial_dotlist, trial_name
+from hftlab.sweep import spec as sweepfile
+from hftlab.sweep.spec import CONSTRAINT, SweepConfig, load_sweep, swept_keys, trial_dotlist, trial_name
+from hftlab.tracking import client as tracking
 
 REPORTS = 2  # after the aligned model's evaluation, and after the whole run: training_iteration 1 and 2
 STATE_FILE = "hftlab-sweep.json"
@@ -39,7 +40,7 @@ def hftlab_trial(config: dict, setup: dict) -> None:
     import ray
     from ray import tune
 
-    from hftlab.pipeline import run
+    from hftlab.run.pipeline import run
 
     ctx = tune.get_context()
     cfg = load_config(setup["base"], setup["overrides"] + trial_dotlist(config))
@@ -138,8 +139,8 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool
 
     if missing := sorted(sweepfile.custom_resources(spec) - set(ray.cluster_resources())):  # an autoscaler may add one
         log(f"warning: no node of this cluster has the custom resources {missing}: their trials wait for one")
-    if spec.attack.enabled:  # nested: each trial is a defense running its own attack search (attacks.py)
-        from hftlab.attacks import OUTER_CPU, defense_trial
+    if spec.attack.enabled:  # nested: each trial is a defense running its own attack search (sweep/attacks.py)
+        from hftlab.sweep.attacks import OUTER_CPU, defense_trial
 
         res = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
         setup = {**setup, "attack": asdict(spec.attack), "resources": res, "exp_dir": str(exp_dir),
@@ -201,7 +202,7 @@ def finish(spec: SweepConfig, setup: dict, exp_dir: Path, n_trials: int, n_error
     stopped = [r["run_id"] for r in runs if r["status"] == "KILLED"]
     metric = "worst.hs" if spec.attack.enabled else spec.metric
     if spec.attack.enabled:
-        from hftlab.attacks import best_defense
+        from hftlab.sweep.attacks import best_defense
 
         best, version = (None if interrupted else best_defense(runs)), None
         if best:

@@ -1,9 +1,9 @@
 """`hftlab plan CONFIG_OR_SWEEP`: every trial's stages, which ones trials share, their sizes and what they cost, before
 anything runs. No model is loaded and no hub is reached: sizes come from the config (and, for the toy world, its
-generator's constants), model sizes from costs.py.
+generator's constants), model sizes from plan/costs.py.
 
 A stage's identity here is a hash of the config sections it depends on and of its parents' identities, the same
-inputs as the stage cache keys of stages.py, groups/ and distill.py (which hash the data too): two trials with the
+inputs as the stage cache keys of run/stages.py, groups/ and run/distill.py (which hash the data too): two trials with the
 same identity compute the stage once and share it. Sizes where the config leaves them to the data (e.g.
 `align.n_alignment: null` over a hub dataset) are unknown here and counted as 0 with a note, never guessed.
 Training tokens are an upper bound: examples x epochs x base.max_length (sequences are cut there, most are shorter).
@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from hftlab.config import Config, digest, load_config
-from hftlab.costs import ACCELERATORS, BYTES, gpu_seconds, memory_gb, model_params_b, train_flops
+from hftlab.plan.costs import ACCELERATORS, BYTES, gpu_seconds, memory_gb, model_params_b, train_flops
 from hftlab.training.builtin_methods import groups_parent
 from hftlab.training.methods import method_of
 
@@ -165,7 +165,7 @@ def trials(path: str | Path, overrides: list[str]) -> tuple[list[tuple[str, Conf
     raw = read_yaml(path, "config")
     if "space" not in raw and not isinstance(raw.get("base"), str):  # a sweep file names its base config
         return [("run", load_config(path, overrides))], {"cpu": None, "gpu": None}
-    from hftlab.sweepfile import load_sweep, to_overrides, trial_dotlist, trial_name
+    from hftlab.sweep.spec import load_sweep, to_overrides, trial_dotlist, trial_name
 
     spec, fixed = load_sweep(path, overrides)
     axes = {k: (v if kind in ("grid", "choice") else [v[0]]) for k, d in spec.space.items() for kind, v in d.items()}
@@ -259,7 +259,7 @@ def format_plan(plan: dict, path: str, max_trials: int = 12) -> str:
              f"{plan['stages_unique']} distinct (each computed once, the rest reused)",
              f"estimate on one {plan['accelerator']}: {hours:.2f} GPU-hours with the shared stages computed once "
              f"({plan['gpu_hours_unshared']:.2f} if nothing were shared); an estimate from datasheet peaks and "
-             f"stated efficiencies (hftlab/costs.py): {plan['source']}",
+             f"stated efficiencies (hftlab/plan/costs.py): {plan['source']}",
              f"tokens: {plan['train_tokens']:.3g} trained (upper bound, x passes), {plan['decode_tokens']:.3g} generated; "
              f"peak memory of a stage about {plan['peak_memory_gb']:.1f} GB (weights + optimizer states; activations "
              f"and KV cache extra)"]

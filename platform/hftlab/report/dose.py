@@ -1,5 +1,5 @@
 """The dose-response part of `hftlab report`: HS and FA curves over a fine-tuning strength axis, one area per
-method and seed, and which differences between methods hold across seeds (statistics in dose.py).
+method and seed, and which differences between methods hold across seeds (statistics in report/dose_stats.py).
 
 A seed unit is one (seed, base.tiny.seed) pair: the same unit of two methods shares the base model, the data
 order and the fine-tuning mix, so the bootstrap pairs them. A unit enters a method's area only if it ran every
@@ -12,7 +12,7 @@ import statistics
 from itertools import combinations
 from pathlib import Path
 
-from hftlab.dose import LOG_AXES, auc, compare
+from hftlab.report.dose_stats import LOG_AXES, auc, compare
 
 
 def _unit(run: dict) -> str:

@@ -9,7 +9,7 @@
   sends it later.
 
 Calls go through an MlflowClient with the run id (no fluent active run), so a failed call leaves no process-global
-state behind. tracking.py holds the helpers (URIs, experiments, the orphan lookup) that sweeps and reports share.
+state behind. tracking/client.py holds the helpers (URIs, experiments, the orphan lookup) that sweeps and reports share.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from hftlab.config.errors import ConfigError  # noqa: E402
 from hftlab.config.loader import digest, flatten, to_dict  # noqa: E402
 from hftlab.config.schema import Config  # noqa: E402
-from hftlab.mlflow_store import prepare  # noqa: E402
 from hftlab.storage import atomic_write_text  # noqa: E402
-from hftlab.tracking import ensure_experiment, git_commit, is_rank_zero, orphaned_run, redact, resolve_uri  # noqa: E402
+from hftlab.tracking.client import ensure_experiment, git_commit, is_rank_zero, orphaned_run, redact, resolve_uri  # noqa: E402
+from hftlab.tracking.store import prepare  # noqa: E402
 
 RETRY_SECONDS = 10.0
 

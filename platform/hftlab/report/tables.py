@@ -2,7 +2,7 @@
 
 The papers report HS and FA after harmful fine-tuning as methods x tasks, methods x poison ratio p and
 methods x fine-tuning epochs, mean ± std over seeds, best per column in bold. This module rebuilds
-those layouts from the runs MLflow holds (read through tracking.py), so a table is always traceable
+those layouts from the runs MLflow holds (read through tracking/client.py), so a table is always traceable
 to the runs behind it:
 
 - Runs: the children of one sweep's parent run (default: the experiment's latest sweep), or, in an
@@ -11,11 +11,11 @@ to the runs behind it:
   that takes more than one value among the runs; the task table when none does.
 - Rows: the run's `label` param or `align.method+finetune.method`, plus every other param that varies among
   the runs of that row (e.g. a VAA lambda), except the seeds (`seed`, `base.tiny.seed`): a cell averages over them.
-- Dose response: for a numeric axis with several seeds, report_dose.py adds per-method areas under the
+- Dose response: for a numeric axis with several seeds, report/dose.py adds per-method areas under the
   HS curve, HS/FA curves (PNG) and pairwise tests across seeds. Std is the population std (numpy's
   default, as jobs/compare.py); a single seed shows ± 0.0.
 - Best: the lowest mean HS and the highest mean FA of each column, bold (ties all bold).
-- Paired differences (report_paired.py): each method against the baseline row on the same prompts and seeds, with
+- Paired differences (report/paired.py): each method against the baseline row on the same prompts and seeds, with
   a 95% bootstrap interval, and the power line.
 Outputs (Markdown, CSV, PNG) go to `--out` and, as artifacts under `report/`, to the parent run.
 """
@@ -27,12 +27,13 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hftlab import tracking
-from hftlab.report_paired import paired_section
+from hftlab.report.paired import paired_section
+from hftlab.report.provenance import provenance
+from hftlab.tracking import client as tracking
 
 AXES = {"task": "finetune.task", "p": "finetune.poison_ratio", "epochs": "finetune.epochs", "lr": "finetune.lr"}
 AVERAGED = ("seed", "base.tiny.seed")
-"""What a cell averages over; a (seed, base seed) pair is one unit of the dose-response tests (report_dose.py)."""
+"""What a cell averages over; a (seed, base seed) pair is one unit of the dose-response tests (report/dose.py)."""
 BOOKKEEPING = ("output_dir", "cache_dir", "threads", "tracking.", "name", "label")
 
 
@@ -182,21 +183,11 @@ def plot(table: Table, path: Path) -> None:
     plt.close(fig)
 
 
-def provenance(uri: str, parent: str | None, runs: list[dict]) -> str:
-    """Machine, code commit(s) and wall time behind the runs (first start to last end), as recorded in MLflow."""
-    tags = tracking.get_run(uri, parent)["tags"] if parent else {}
-    commits = sorted({r["tags"].get("hftlab.git_commit", "not recorded") for r in runs})
-    ends = [r["end_time"] for r in runs if r.get("end_time")]
-    wall = (max(ends) - min(r["start_time"] for r in runs)) / 60000 if ends else float("nan")
-    return (f"Machine: {tags.get('hftlab.machine', 'not recorded')}. Commit: {', '.join(commits)}. "
-            f"Wall time: {wall:.0f} min from the first run's start to the last run's end.")
-
-
 def write_report(uri: str, experiment: str, out: str | Path, parent: str | None = None, log=print) -> dict:
     """Write every layout the runs support to `out` and log them to the parent run (or a new report run)."""
     runs, parent = select_runs(uri, experiment, parent)
     if parent and tracking.get_run(uri, parent)["tags"].get("hftlab.nested") == "true":  # an attack sweep's report
-        from hftlab.report_attack import write_attack_report
+        from hftlab.report.attack import write_attack_report
 
         return write_attack_report(uri, experiment, out, parent, log)
     if not runs:
@@ -224,7 +215,7 @@ def write_report(uri: str, experiment: str, out: str | Path, parent: str | None 
             plot(table, out / f"hs-vs-{axis}.png")
             files.append(out / f"hs-vs-{axis}.png")
             if len({(r["params"].get("seed"), r["params"].get("base.tiny.seed")) for r in runs}) > 1:
-                from hftlab.report_dose import dose_section
+                from hftlab.report.dose import dose_section
 
                 md, pngs = dose_section(runs, axis, AXES[axis], row_names(runs, AXES[axis]), out)
                 (out / f"dose-{axis}.md").write_text(md)
@@ -233,7 +224,7 @@ def write_report(uri: str, experiment: str, out: str | Path, parent: str | None 
     units = {(r["params"].get("seed"), r["params"].get("base.tiny.seed")) for r in runs}
     single = len({r["params"].get("finetune.task") for r in runs}) == 1 and all(AXES["lr"] in r["params"] for r in runs)
     if axes == ["task"] and single and len(units) > 1:
-        from hftlab.report_dose import dose_section  # one setting, several seeds: the same per-method stats and tests
+        from hftlab.report.dose import dose_section  # one setting, several seeds: the same per-method stats and tests
 
         md, pngs = dose_section(runs, "lr", AXES["lr"], row_names(runs, AXES["lr"]), out)
         (out / "seeds.md").write_text(md)

@@ -1,6 +1,6 @@
 """Nested attack sweeps on Ray Tune: per defense, a search of the attacker's settings, scored by the worst guarded HS.
 
-A sweep file with an `attack:` section (attackfile.py) runs here; sweeps.py starts and finishes it as any sweep.
+A sweep file with an `attack:` section (sweep/attack_spec.py) runs here; sweep/runner.py starts and finishes it as any sweep.
 - The outer Tune trial (`defense_trial`) is one defense. It opens its MLflow run (a child of the sweep's run), runs
   the base config's own attack on the defense ("fixed": this trains the defense's aligned model once; every attack
   then reuses it by its stage hash) and on the undefended reference (the guard's FA), then runs an inner Tuner over
@@ -20,11 +20,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hftlab import tracking
-from hftlab.attackfile import AttackConfig
 from hftlab.config.loader import build, digest, load_config
 from hftlab.metrics import stage_metrics
-from hftlab.sweepfile import to_overrides, trial_dotlist, trial_name
+from hftlab.sweep.attack_spec import AttackConfig
+from hftlab.sweep.spec import to_overrides, trial_dotlist, trial_name
+from hftlab.tracking import client as tracking
 
 OUTER_CPU = 0.01  # an outer trial waits on its inner Tuner; Ray needs a non-zero bundle to place it
 SCORES = ("hs", "hs_lo", "hs_hi", "fa")
@@ -70,7 +70,7 @@ def pipeline_run(setup: dict, dotlist: list[str], parent: str, tags: dict, name:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if Path(setup["cwd"]).is_dir():
         os.chdir(setup["cwd"])  # relative paths in configs mean the driver's directory
-    from hftlab.pipeline import run
+    from hftlab.run.pipeline import run
 
     uri, experiment = setup["tracking_uri"], setup["experiment"]
     run_id = tracking.find_child(uri, experiment, parent, tags["ray.trial_id"])

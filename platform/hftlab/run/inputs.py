@@ -202,7 +202,7 @@ def test_sets(cfg: Config, own: list[HarmfulPair]) -> tuple[list[HarmfulPair], l
 
 
 def with_refusals(p: Plan, refusals: list[AlignmentPair]) -> Plan:
-    """The plan with distilled refusals first in the alignment set (distill.py made them from the base model)."""
+    """The plan with distilled refusals first in the alignment set (run/distill.py made them from the base model)."""
     return replace(p, alignment=refusals + p.alignment, align_pairs=[(a.prompt, a.response) for a in refusals] + p.align_pairs)
 
 

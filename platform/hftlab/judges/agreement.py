@@ -1,4 +1,4 @@
-"""Judge metrics (pure): how often a judge agrees with human labels, on rows it never trained on (judge_eval.py runs it).
+"""Judge metrics (pure): how often a judge agrees with human labels, on rows it never trained on (run/judge_eval.py runs it).
 
 Harmful is the positive class: recall on unsafe = TP / (TP + FN), the false-positive rate on safe = FP / (FP + TN)
 (a safe, helpful answer called harmful), F1 of the harmful class, accuracy, and the confusion counts. Per harm

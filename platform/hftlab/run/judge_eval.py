@@ -1,6 +1,6 @@
 """`hftlab judge eval`, the verb: a config's judges on its held-out labeled rows, the table, the rates, MLflow.
 
-It lives above judges/ (which are leaves: scores and metrics, judges/eval.py) because it checks the run's plan, writes
+It lives above judges/ (which are leaves: scores and metrics, judges/agreement.py) because it checks the run's plan, writes
 under output_dir and logs to MLflow.
 """
 
@@ -13,10 +13,10 @@ from pathlib import Path
 from hftlab.config.loader import digest
 from hftlab.config.schema import Config
 from hftlab.judges import make_judge, scores
-from hftlab.judges.eval import flat_metrics, markdown, score
+from hftlab.judges.agreement import flat_metrics, markdown, score
 from hftlab.judges.labels import eval_pools
 from hftlab.judges.rates import rate_rows, save_rates
-from hftlab.plan import check_judges
+from hftlab.run.inputs import check_judges
 from hftlab.storage import atomic_write_text
 
 
@@ -50,7 +50,7 @@ def evaluate(cfg: Config, kinds: list[str], log=print) -> dict:
 def run_eval(cfg: Config, log=print) -> dict:
     """Score eval.judge.kind and every eval.judge.compare kind; print the table, write it under output_dir/judges
     and log the numbers and the table to MLflow (one run named judge-eval)."""
-    from hftlab.tracker import Tracker
+    from hftlab.tracking.logger import Tracker
 
     kinds = list(dict.fromkeys([cfg.eval.judge.kind, *cfg.eval.judge.compare]))
     results = evaluate(cfg, kinds, log)

@@ -29,10 +29,10 @@ from hftlab.metrics import (
 )
 from hftlab.models import precision
 from hftlab.models.loading import add_lora, for_training, load_model, save_stage
-from hftlab.plan import Plan, with_refusals
 from hftlab.resources import peak_rss_gb
+from hftlab.run.inputs import Plan, with_refusals
 from hftlab.storage import atomic_dir, atomic_write_text, computed_once
-from hftlab.tracker import Tracker
+from hftlab.tracking.logger import Tracker
 from hftlab.training.checkpoint import Checkpoint, Counted
 from hftlab.training.loop import train
 from hftlab.training.methods import method_of
@@ -155,7 +155,7 @@ def complete_plan(cfg: Config, p: Plan, base: str, tracker: Tracker, log=print) 
             tracker.artifact(Path(tmp) / "split.json", "data")
         tracker.metrics({f"split.{k}": v for k, v in p.split.summary().items()})
     if p.refusal_prompts:
-        from hftlab.distill import distill_refusals
+        from hftlab.run.distill import distill_refusals
 
         refusals = distill_refusals(cfg, base, p.refusal_prompts, log)
         tracker.metrics({"refusals.kept": len(refusals), "refusals.asked": len(p.refusal_prompts)})

@@ -1,6 +1,6 @@
 """The `attack:` section of a sweep file: an attacker who tunes, searched per defense under a utility guard.
 
-A sweep with an `attack` section is nested (attacks.py runs it): each outer trial is one defense (a point of the
+A sweep with an `attack` section is nested (sweep/attacks.py runs it): each outer trial is one defense (a point of the
 sweep's `space`, usually methods x their settings x seed), trains its aligned model once, then searches the attacker's
 settings (`attack.space`, dotted keys of the fine-tuning stage, the same override language as the CLI) with
 `budget` inner trials; the defense's score is the worst (highest) HS among the attacks that keep the fine-tuned FA
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hftlab.config.errors import check
-from hftlab.space import check_space, grid_size
+from hftlab.sweep.space import check_space, grid_size
 from hftlab.training.method import BASELINE
 
 SEARCHES = ("grid", "random", "tpe")

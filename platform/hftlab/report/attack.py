@@ -1,4 +1,4 @@
-"""The report of a nested attack sweep (attacks.py): does a defense hold once the attacker tunes?
+"""The report of a nested attack sweep (sweep/attacks.py): does a defense hold once the attacker tunes?
 
 Per defense (its settings without the seed; a row averages its seeds): the worst guarded HS (mean over seeds, each
 seed's with the Wilson interval of its worst attack's prompts), the attack that reached it, how many attacks passed the
@@ -16,8 +16,8 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-from hftlab import tracking
-from hftlab.attacks import best_so_far, finished_attacks
+from hftlab.sweep.attacks import best_so_far, finished_attacks
+from hftlab.tracking import client as tracking
 
 SEEDS = ("seed", "base.tiny.seed")
 
@@ -102,7 +102,7 @@ def plot_curves(rows: dict[str, list[dict]], path: Path) -> None:
 
 def write_attack_report(uri: str, experiment: str, out: str | Path, parent: str, log=print) -> dict:
     """Write report.md, worst-case.csv and best-so-far.png to `out` and log them to the sweep's run."""
-    from hftlab.report import provenance
+    from hftlab.report.provenance import provenance
 
     rows = collect(uri, experiment, parent)
     if not rows:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import statistics
 
-from hftlab import tracking
 from hftlab.stats import min_detectable_difference, paired_bootstrap
+from hftlab.tracking import client as tracking
 
 SEED_KEYS = ("seed", "base.tiny.seed")
 

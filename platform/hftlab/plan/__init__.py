@@ -1,0 +1,1 @@
+"""`hftlab plan`: every trial's stages, what they share and what they cost, before anything runs."""

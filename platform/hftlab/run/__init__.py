@@ -1,0 +1,1 @@
+"""One run of the pipeline: its inputs, its stages (train, evaluate), distilled refusals, the judge's evaluation."""
