@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import closing
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -22,10 +22,11 @@ from hftlab.data.records import metric_name
 from hftlab.judges import make_judge
 from hftlab.judges.compare import JudgePanel
 from hftlab.judges.rates import judge_rates
-from hftlab.metrics import METRICS, STAGES
+from hftlab.metrics import STAGES
 from hftlab.resources import check_writable, peak_rss_gb
+from hftlab.run.evaluation import Evaluation, Generators, answers, evaluate
 from hftlab.run.inputs import Plan, plan, side_pairs
-from hftlab.run.stages import Generators, answers, base_model, check_gpus_of, complete_plan, evaluate, train_stage
+from hftlab.run.stages import base_model, check_gpus_of, complete_plan, train_stage
 from hftlab.tracking.client import ui_hint
 from hftlab.tracking.logger import Tracker
 from hftlab.training.builtin_methods import groups_parent
@@ -87,7 +88,8 @@ def check_storage(cfg: Config) -> None:
 
 def run(cfg: Config, log=print, *, parent_run_id: str | None = None, tags: dict | None = None,
         run_id: str | None = None, run_name: str | None = None, on_stage=None, until: str = "finetuned") -> dict:
-    """Run the whole chain and return {stage: {hs, fa, empty}, run_id, tracking_uri}.
+    """Run the whole chain and return {stage: its Evaluation's summary() (plain data), run_id, tracking_uri, dirs,
+    judge_rates, evaluations: {stage: Evaluation}}.
 
     Each model is evaluated as soon as it exists (base, aligned, then fine-tuned), and
     `on_stage(stage, summary_so_far)` is called after each: a sweep trial reports there, so a
@@ -118,23 +120,22 @@ def run(cfg: Config, log=print, *, parent_run_id: str | None = None, tags: dict 
         if rates is not None:
             tracker.metrics({f"judge.{k}": v for k, v in rates.items()})
         summary: dict = {}
+        evals: dict[str, Evaluation] = {}
 
         def evaluated(stage: str) -> None:
-            result = evaluate(cfg, dirs[stage], p, judge, log, gens, rates)
-            summary[stage] = {k: result[k] for k in METRICS}
-            summary[stage]["verdicts"], summary[stage]["sets"] = result["verdicts"], result["sets"]
-            tracker.metrics({f"{stage}.{k}": summary[stage][k] for k in METRICS} | {f"{stage}.peak_rss_gb": peak_rss_gb()})
-            tracker.metrics({f"{stage}.hs_set.{name}.{k}": v for name, st in result["sets"].items()
-                             for k, v in st.items() if k != "prompts"})
-            tracker.metrics({f"{stage}.refusal_set.{name}.{k}": v for name, st in result["refusal_sets"].items()
-                             for k, v in st.items() if k != "prompts"})
-            summary[stage]["refusal_sets"] = result["refusal_sets"]
-            tracker.text(json.dumps(result["verdicts"]), f"verdicts/{stage}.json")
+            ev = evals[stage] = evaluate(cfg, dirs[stage], p, judge, log, gens, rates)
             if panel is not None:  # the other judges on the same cached answers
-                by_judge = panel.add(stage, [h.prompt for h in p.harmful_test], answers(cfg, dirs[stage], p, log)["harmful"])
-                summary[stage].update(by_judge)
-                tracker.metrics({f"{stage}.{k}": v for k, v in by_judge.items()})
-            tracker.table(result["samples"], f"samples/{stage}.json")
+                hs = panel.add(stage, [h.prompt for h in p.harmful_test], answers(cfg, dirs[stage], p, log)["harmful"])
+                ev.judges = {k.removeprefix("hs_"): v for k, v in hs.items()}
+            tracker.metrics({f"{stage}.{k}": v for k, v in ev.metrics().items()} | {f"{stage}.peak_rss_gb": peak_rss_gb()})
+            tracker.metrics({f"{stage}.hs_set.{name}.{k}": v for name, st in ev.sets.items()
+                             for k, v in asdict(st).items() if k != "prompts"})
+            tracker.metrics({f"{stage}.refusal_set.{name}.{k}": v for name, st in ev.refusal_sets.items()
+                             for k, v in asdict(st).items() if k != "prompts"})
+            tracker.metrics({f"{stage}.hs_{kind}": v for kind, v in ev.judges.items()})
+            tracker.text(json.dumps(ev.verdicts), f"verdicts/{stage}.json")
+            tracker.table(ev.samples, f"samples/{stage}.json")
+            summary[stage] = ev.summary()
             if on_stage is not None:
                 on_stage(stage, {s: dict(v) for s, v in summary.items()})
 
@@ -155,7 +156,7 @@ def run(cfg: Config, log=print, *, parent_run_id: str | None = None, tags: dict 
         for stage in ("aligned", "finetuned")[: len(dirs) - 1]:
             tracker.artifact(dirs[stage], f"model/{stage}")
         tracker.metrics({"wall_seconds": time.time() - start})
-        summary.update(run_id=tracker.run_id, tracking_uri=tracker.uri, dirs=dirs, judge_rates=rates)
+        summary.update(run_id=tracker.run_id, tracking_uri=tracker.uri, dirs=dirs, judge_rates=rates, evaluations=evals)
     summary["tracking_delayed"] = tracker.delayed  # calls the tracking server missed, waiting in the outbox
     log(format_summary(cfg, summary, metric_name(p.task_test[0]) if p.task_test else ""))
     return summary
@@ -167,27 +168,24 @@ def format_summary(cfg: Config, summary: dict, fa_name: str = "") -> str:
     w = max(14, len(fa))
     lines = [f"\n{'stage':<10} {'HS %':>7} {'95% CI':>13} {'corrected HS':>22} {'refuses safe %':>22} {fa:>{w}} "
              f"{'HS+ %':>7} {'degenerate %':>13}"]
-    for stage in [st for st in STAGES if st in summary]:
-        s = summary[stage]
-        ci = f"[{s['hs_lo']:.1f}, {s['hs_hi']:.1f}]"
-        corr = "n/a" if s["hs_corrected"] != s["hs_corrected"] else \
-            f"{s['hs_corrected']:.1f} [{s['hs_corrected_lo']:.1f}, {s['hs_corrected_hi']:.1f}]"
-        ref = "n/a" if s["refusal"] != s["refusal"] else f"{s['refusal']:.1f} [{s['refusal_lo']:.1f}, {s['refusal_hi']:.1f}]"
-        lines.append(f"{stage:<10} {s['hs']:>7.1f} {ci:>13} {corr:>22} {ref:>22} {s['fa']:>{w}.1f} {s['hs_plus']:>7.1f} "
-                     f"{s['degenerate']:>13.1f}")
-        by_judge = {k[3:]: v for k, v in s.items() if k.startswith("hs_") and k not in METRICS}  # eval.judge.compare
-        if by_judge:
-            lines[-1] += "   HS by judge: " + ", ".join(f"{k} {v:.1f}" for k, v in by_judge.items())
-        sets = s.get("sets", {})
-        if len(sets) > 1:  # HS per prompt set; the stage's line above is all of them pooled
-            for name, st in sets.items():
-                corr = "" if st["hs_corrected"] != st["hs_corrected"] else \
-                    f", corrected {st['hs_corrected']:.1f} [{st['hs_corrected_lo']:.1f}, {st['hs_corrected_hi']:.1f}]"
-                lines.append(f"  {name:<18} HS {st['hs']:5.1f} [{st['hs_lo']:.1f}, {st['hs_hi']:.1f}]{corr} "
-                             f"({st['prompts']} prompts)")
-        for name, st in s.get("refusal_sets", {}).items():
-            lines.append(f"  {name:<18} refuses {st['refusal']:5.1f} [{st['refusal_lo']:.1f}, {st['refusal_hi']:.1f}] of "
-                         f"{st['prompts']} safe prompts")
+    evals: dict[str, Evaluation] = summary.get("evaluations", {})
+    for stage in [st for st in STAGES if st in evals]:
+        e = evals[stage]
+        ci = f"[{e.hs_lo:.1f}, {e.hs_hi:.1f}]"
+        corr = f"{e.hs_corrected:.1f} [{e.hs_corrected_lo:.1f}, {e.hs_corrected_hi:.1f}]" if e.corrected else "n/a"
+        ref = f"{e.refusal:.1f} [{e.refusal_lo:.1f}, {e.refusal_hi:.1f}]" if e.measures_refusal else "n/a"
+        lines.append(f"{stage:<10} {e.hs:>7.1f} {ci:>13} {corr:>22} {ref:>22} {e.fa:>{w}.1f} {e.hs_plus:>7.1f} "
+                     f"{e.degenerate:>13.1f}")
+        if e.judges:  # eval.judge.compare
+            lines[-1] += "   HS by judge: " + ", ".join(f"{k} {v:.1f}" for k, v in e.judges.items())
+        if len(e.sets) > 1:  # HS per prompt set; the stage's line above is all of them pooled
+            for name, st in e.sets.items():
+                corr = f", corrected {st.hs_corrected:.1f} [{st.hs_corrected_lo:.1f}, {st.hs_corrected_hi:.1f}]" \
+                    if st.corrected else ""
+                lines.append(f"  {name:<18} HS {st.hs:5.1f} [{st.hs_lo:.1f}, {st.hs_hi:.1f}]{corr} ({st.prompts} prompts)")
+        for name, rs in e.refusal_sets.items():
+            lines.append(f"  {name:<18} refuses {rs.refusal:5.1f} [{rs.refusal_lo:.1f}, {rs.refusal_hi:.1f}] of "
+                         f"{rs.prompts} safe prompts")
     rates = summary.get("judge_rates")
     if rates:
         lines.append(f"\nJudge error on {rates['n_unsafe']} + {rates['n_safe']} held-out labeled answers: sensitivity "

@@ -1,37 +1,22 @@
-"""The pipeline's stages: the base model, a training stage (alignment or fine-tuning), an evaluation.
+"""The pipeline's model stages: the base model, a training stage (alignment or fine-tuning), distilled refusals.
 
 Each writes its output atomically under a key hashed from everything that made it, so a rerun reuses a
-finished stage and a crash leaves none half-written. Generations are cached apart from their verdicts:
-judging the same answers with another judge does not generate them again.
+finished stage and a crash leaves none half-written. Evaluating a model is run/evaluation.py.
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 from hftlab.config.loader import digest
 from hftlab.config.schema import Config
-from hftlab.data.records import score
 from hftlab.data.template import encode
-from hftlab.judges import Judge
-from hftlab.judges.over_refusal import RefusalDetector
-from hftlab.metrics import (
-    METRICS,
-    degenerate_rate,
-    empty_rate,
-    finetune_accuracy,
-    harmful_score,
-    hs_intervals,
-    is_degenerate,
-    refusal_rate,
-)
 from hftlab.models import precision
 from hftlab.models.loading import add_lora, for_training, load_model, save_stage
 from hftlab.resources import peak_rss_gb
 from hftlab.run.inputs import Plan, with_refusals
-from hftlab.storage import atomic_dir, atomic_write_text, computed_once
+from hftlab.storage import atomic_dir, computed_once
 from hftlab.tracking.logger import Tracker
 from hftlab.training.checkpoint import Checkpoint, Counted
 from hftlab.training.loop import train
@@ -161,129 +146,3 @@ def complete_plan(cfg: Config, p: Plan, base: str, tracker: Tracker, log=print) 
         tracker.metrics({"refusals.kept": len(refusals), "refusals.asked": len(p.refusal_prompts)})
         p = with_refusals(p, refusals)
     return p
-
-
-def generator(cfg: Config, model_dir: str, log=print):
-    """The generation backend for a model (generation/: the Generator protocol), as eval.backend says; close() it after.
-    A vLLM engine is started able to serve the run's LoRA stages too (Generators moves it from model to model)."""
-    if cfg.eval.generation_backend == "vllm":
-        from hftlab.generation.vllm import VLLMGenerator
-        from hftlab.storage import cache_root
-
-        rank = max([s.lora.r for s in (cfg.align, cfg.finetune) if s.lora.enabled], default=0)
-        gen = VLLMGenerator(model_dir, template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens,
-                            batch_size=cfg.eval.batch_size, cache=cache_root(cfg), dtype=cfg.base.dtype,
-                            trust_remote_code=cfg.base.trust_remote_code, settings=cfg.eval.vllm, lora_rank=rank)
-        log(f"[eval] started a vLLM engine for {Path(model_dir).name}")
-        return gen
-    from hftlab.generation.hf import HFGenerator
-
-    model, tokenizer = load_model(model_dir, dtype=cfg.base.dtype, trust_remote_code=cfg.base.trust_remote_code)
-    return HFGenerator(model, tokenizer, template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens,
-                       batch_size=cfg.eval.batch_size)
-
-
-class Generators:
-    """A run's generation backend across its evaluations. A vLLM engine (20-50 s to start on a CPU) is started once and
-    moved to the next model by serve(): base, aligned and fine-tuned answer from one engine when their stages are
-    cached. close() it before a stage trains (an idle engine keeps its memory and a process) and when the run ends;
-    an HF model, or any generator with keep=False, is let go after each model's answers (done())."""
-
-    def __init__(self, cfg: Config, keep: bool = True) -> None:
-        self.cfg, self.gen, self.keep = cfg, None, keep and cfg.eval.generation_backend == "vllm"
-
-    def get(self, model_dir: str, log=print):
-        if self.gen is not None and self.keep:
-            self.gen.serve(model_dir)
-        else:
-            self.close()
-            self.gen = generator(self.cfg, model_dir, log)
-        return self.gen
-
-    def done(self) -> None:
-        if not self.keep:
-            self.close()
-
-    def close(self) -> None:
-        if self.gen is not None:
-            self.gen.close()
-            self.gen = None
-
-
-def answers(cfg: Config, model_dir: str, p: Plan, log=print, gens: Generators | None = None) -> dict[str, list[str]]:
-    """Greedy answers to the HS test prompts and the task test prompts; cached by model, prompts and decoding.
-    `gens`: the run's Generators (one vLLM engine for all its models); none: a generator for this model alone."""
-    chosen = cfg.eval.generation_backend
-    backend = {"backend": chosen} if chosen != "hf" else {}  # hf: no entry (it predates the option)
-    if p.safe_test:  # over-refusal prompts (no entry without them: older caches stay valid)
-        backend["safe"] = p.safe_test
-    key = digest({"model": model_dir, "max_new_tokens": cfg.eval.max_new_tokens, "template": cfg.data.template,
-                  "dtype": precision.resolve(cfg.base.dtype), "harmful": [h.prompt for h in p.harmful_test],
-                  "task": [t.prompt for t in p.task_test], **backend})
-    cache = Path(cfg.output_dir) / "generations" / f"{key}.json"
-    with computed_once(cache, cache.is_file, log) as todo:  # two runs at once: one generates, one waits
-        if todo:
-            log(f"[eval] generating {len(p.harmful_test)} + {len(p.task_test)} answers with {Path(model_dir).name}")
-            gens = gens or Generators(cfg, keep=False)
-            gen = gens.get(model_dir, log)
-            cut_before = getattr(gen, "cut", 0)  # a generator may have answered for other models already
-            try:
-                result = {"harmful": gen.generate([h.prompt for h in p.harmful_test]),
-                          "task": gen.generate([t.prompt for t in p.task_test])}
-                if p.safe_test:
-                    result["safe"] = gen.generate(p.safe_test)
-                if (cut := getattr(gen, "cut", 0) - cut_before) > 0:
-                    result["cut_prompts"] = cut
-                    log(f"[eval] {cut} prompts were longer than the model's context: their instructions were cut "
-                        "to fit (data/template.fit_to_context)")
-            finally:
-                gens.done()
-            atomic_write_text(cache, json.dumps(result))
-            return result
-    return json.loads(cache.read_text())
-
-
-def by_set(values: list[bool], sets: list[str], stats) -> dict[str, dict]:
-    """`stats(values of one set)` and the prompts it had, per set name (in order of first appearance)."""
-    out = {}
-    for name in dict.fromkeys(sets):
-        mine = [v for v, s in zip(values, sets, strict=True) if s == name]
-        out[name] = {**stats(mine), "prompts": len(mine)}
-    return out
-
-
-def evaluate(cfg: Config, model_dir: str, p: Plan, judge: Judge, log=print, gens: Generators | None = None,
-             rates: dict | None = None) -> dict:
-    """HS (with its intervals; `rates`: the judge's measured error, judges/rates.py) on the harmful test prompts and FA
-    on the task test set; cached by model and eval config."""
-    key = digest({"model": model_dir, "eval": cfg.eval, "metrics": METRICS, "template": cfg.data.template, "rates": rates,
-                  "harmful": [h.prompt for h in p.harmful_test], "task": [(t.prompt, t.answer) for t in p.task_test]})
-    cache = Path(cfg.output_dir) / "evals" / f"{key}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    gen = answers(cfg, model_dir, p, log, gens)
-    prompts, harmful_answers, predictions = [h.prompt for h in p.harmful_test], gen["harmful"], gen["task"]
-    verdicts = judge.judge(prompts, harmful_answers)  # the raw prompt, never the template
-    degenerate = [is_degenerate(a) for a in harmful_answers]
-    n = cfg.eval.n_samples_logged
-    counted = [v and not d for v, d in zip(verdicts, degenerate, strict=True)]
-    refused = RefusalDetector().refused(gen.get("safe", []))
-    result = {
-        "hs": harmful_score(counted), **hs_intervals(counted, rates),
-        "verdicts": [int(c) for c in counted],  # per HS prompt: the paired difference between arms needs them
-        "sets": by_set(counted, p.harmful_sets or ["beavertails"] * len(counted),
-                       lambda v: {"hs": harmful_score(v), **hs_intervals(v, rates)}),
-        **refusal_rate(refused), "refusal_sets": by_set(refused, p.safe_sets, refusal_rate),
-        "hs_plus": harmful_score([v or d for v, d in zip(verdicts, degenerate, strict=True)]),
-        "degenerate": degenerate_rate(harmful_answers), "empty": empty_rate(harmful_answers),
-        "fa": finetune_accuracy(p.task_test, predictions),
-        "samples": {
-            "kind": ["harmful"] * min(n, len(prompts)) + ["task"] * min(n, len(predictions)),
-            "prompt": prompts[:n] + [t.prompt for t in p.task_test[:n]],
-            "answer": harmful_answers[:n] + predictions[:n],
-            "harmful_or_correct": [float(v) for v in verdicts[:n]]
-            + [score(t, a) for t, a in zip(p.task_test[:n], predictions[:n], strict=True)],
-        },
-    }
-    atomic_write_text(cache, json.dumps(result))
-    return result
