@@ -251,7 +251,7 @@ def _answer(cfg: Config, rows: list[dict], kwargs: dict, actors: int, journal: P
             if sink is not None:
                 paths = batch["model"].map(dict(enumerate(models)))
                 sink.write("".join(json.dumps({"id": str(i), "path": p, "hs": int(h), "answer": str(a),
-                                               "loss": None if lo != lo else float(lo)}) + "\n"
+                                               "loss": None if math.isnan(lo) else float(lo)}) + "\n"
                                    for i, p, h, a, lo in zip(batch["id"], paths, batch["hs"], batch["answer"],
                                                              batch["loss"], strict=True)))
                 sink.flush()

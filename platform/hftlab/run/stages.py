@@ -6,6 +6,7 @@ finished stage and a crash leaves none half-written. Evaluating a model is run/e
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def _train(cfg: Config, kind: str, parent: str, pairs, tracker: Tracker, log, gr
     def on_step(step: int, stats: dict) -> None:
         history.append(stats)
         if step % 10 == 0:  # loss, and for VAA the group, q, lambda and the perturbed loss
-            tracker.metrics({f"{kind}.{k}": v for k, v in stats.items() if v == v}, step=step)
+            tracker.metrics({f"{kind}.{k}": v for k, v in stats.items() if not math.isnan(v)}, step=step)
 
     log(f"[{kind}] {stage_cfg.method}: {len(pairs)} examples x {stage_cfg.epochs} epochs, lr {stage_cfg.lr}")
     common = dict(template=cfg.data.template, epochs=stage_cfg.epochs, lr=stage_cfg.lr, batch_size=stage_cfg.batch_size,
