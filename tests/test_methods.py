@@ -70,3 +70,17 @@ def test_a_record_without_a_cost_or_stage_is_refused_and_an_unknown_method_names
     with pytest.raises(ConfigError, match=r"^method='vaa'.*'safegrad'"):
         FinetuneConfig(method="vaa")
     assert method_of(AlignConfig(method="vaa")).grouped and method_of(FinetuneConfig(method="safegrad")).side == "alignment"
+
+
+def test_method_names_appear_only_in_their_records_algorithms_and_config():
+    """No module compares a method's name: grep for each quoted name finds its record, its algorithm or the config."""
+    import re
+
+    from tests.conftest import REPO
+
+    package = REPO / "platform" / "hftlab"
+    allowed = {"training/method.py", "training/builtin_methods.py", "config/stages.py", "config/methods.py"}
+    for name in REGISTRY:
+        found = {str(p.relative_to(package)) for p in package.rglob("*.py")
+                 if re.search(rf"""["']{name}["']""", p.read_text())}
+        assert found <= allowed | {f"algorithms/{name}.py"}, (name, found - allowed)

@@ -47,7 +47,7 @@ def train_vaa(model: torch.nn.Module, tokenizer, pairs: Sequence[Pair], group_of
               template: str, epochs: int, lr: float, batch_size: int, seed: int, max_length: int,
               weight_decay: float = 0.0, max_grad_norm: float | None = None, lr_scheduler: str = "constant",
               warmup_ratio: float = 0.0, on_step: Callable[[int, dict], None] | None = None,
-              desc: str = "vaa", checkpoint: Checkpoint | None = None, bucketed: bool = False,
+              desc: str = "grouped", checkpoint: Checkpoint | None = None, bucketed: bool = False,
               autocast: str | None = None) -> dict[str, float]:
     """Train `model` in place with VAA over the groups `group_of` (None = left out); returns loss, steps, seconds.
     `checkpoint`, `bucketed` and `autocast` as in training/loop.py; a NaN or inf stops with NonFiniteError."""
