@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from hftlab.data.toyworld import build_world
+from hftlab.faults import CrashOnce
 from hftlab.run.pipeline import base_model
 from hftlab.training.trainer import train_distributed
 
@@ -130,7 +131,7 @@ def test_a_crashed_run_resumes_from_its_checkpoint_exactly(smoke, ray_local, tmp
     common = dict(workers=2, seed=0, template=cfg.data.template, max_length=cfg.base.max_length, groups=groups)
     train_distributed(cfg.align, base, pairs, tmp_path / "clean", storage_path=str(tmp_path / "ray"), **common)
     metrics = train_distributed(cfg.align, base, pairs, tmp_path / "crashed", storage_path=str(tmp_path / "ray"),
-                                max_failures=1, fail_at_step=5, **common)
+                                max_failures=1, crash=CrashOnce(5), **common)
     assert metrics["steps"] == 8
     runs = list((tmp_path / "ray" / "train-crashed").glob("checkpoint_*"))
     assert runs, "the crashed run reported checkpoints"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 
 class NonFiniteError(RuntimeError):
@@ -11,6 +12,22 @@ class NonFiniteError(RuntimeError):
 
 class DiskFullError(RuntimeError):
     """The disk filled while a stage or cache file was written: the half-written copy removed, nothing marked finished."""
+
+
+class InjectedFault(RuntimeError):
+    """A failure a test asked for (CrashOnce): what a worker dying mid-stage looks like to Ray Train."""
+
+
+@dataclass(frozen=True)
+class CrashOnce:
+    """Fault injection for tests of recovery: a distributed stage's first attempt raises after optimizer step `step`
+    (with `max_failures` >= 1 Ray Train restarts it from its latest checkpoint; the retry does not crash)."""
+
+    step: int
+
+    def check(self, done: int, first_attempt: bool) -> None:
+        if first_attempt and done == self.step:
+            raise InjectedFault(f"injected failure at step {done}")
 
 
 def check_finite(value: float, what: str, step: int) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,37 @@ import torch
 from hftlab.config.errors import ConfigError
 from hftlab.config.schema import AlignConfig, FinetuneConfig
 from hftlab.data.template import encode
+from hftlab.faults import CrashOnce
 from hftlab.models import precision
 from hftlab.training.batches import Pair, batches
 from hftlab.training.checkpoint import Counted
 from hftlab.training.methods import build_step, method_of, side_stream, step_budget
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What every Ray Train worker is handed, typed (Ray pickles it whole): the stage and its data, and the model as
+    base.* says to load it."""
+
+    stage: AlignConfig | FinetuneConfig
+    parent: str
+    """The parent model's directory (a LoRA parent comes merged, as in-process)."""
+    pairs: list[Pair]
+    groups: list[int | None] | None
+    """A grouped method's group per pair (None: not grouped)."""
+    side: list[Pair] | None
+    """The pairs the method's record asks for besides the stage's own (None: none)."""
+    seed: int
+    template: str
+    max_length: int
+    threads: int = 1
+    """torch threads per worker (its CPUs)."""
+    dtype: str = "float32"
+    """base.dtype (auto: fp32 weights, bf16 autocast where the hardware has bf16)."""
+    trust_remote_code: bool = False
+    use_gpu: bool = False
+    crash: CrashOnce | None = None
+    """Fault injection (tests): faults.CrashOnce."""
 
 
 def token_sum_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -42,22 +70,22 @@ def token_sum_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     return nll / batch["norm"]
 
 
-def _setup(config: dict, rank: int, world: int):
+def _setup(job: WorkerJob, rank: int, world: int):
     """Load the parent (or the checkpoint's weights), wrap it, build the step and the batch sources."""
     import ray.train
     import ray.train.torch
 
     from hftlab.training.engine import LocalEngine, Recipe
 
-    stage: AlignConfig | FinetuneConfig = config["stage"]
+    stage = job.stage
     method = method_of(stage)
     ckpt = ray.train.get_checkpoint()
     ckpt_dir = ckpt.to_directory() if ckpt is not None else None
-    model, tokenizer = _load(config, stage, ckpt_dir)
+    model, tokenizer = _load(job, ckpt_dir)
     model.to(ray.train.torch.get_device())  # this worker's GPU (use_gpu), else the CPU
-    encoded = encode(tokenizer, config["pairs"], config["template"], config["max_length"])
+    encoded = encode(tokenizer, job.pairs, job.template, job.max_length)
     # a grouped method: SFT's budget over the examples that belong to a group (grouped.vaa_setup)
-    total = step_budget(stage, sum(g is not None for g in config["groups"]) if method.grouped else len(encoded))
+    total = step_budget(stage, sum(g is not None for g in job.groups) if method.grouped else len(encoded))
     recipe = Recipe.of(stage, total)  # the schedule's position is the engine's steps_taken, saved and resumed
     if stage.zero_stage is None:
         model = ray.train.torch.prepare_model(model)  # DDP
@@ -65,31 +93,31 @@ def _setup(config: dict, rank: int, world: int):
     else:
         from hftlab.training.engine import DeepSpeedEngine
 
-        bf16 = config.get("use_gpu", False) and config.get("dtype") == "bfloat16"  # DeepSpeed's bf16 mode: fp32 master weights
+        bf16 = job.use_gpu and job.dtype == "bfloat16"  # DeepSpeed's bf16 mode: fp32 master weights
         engine = DeepSpeedEngine(model, recipe, zero_stage=stage.zero_stage, bf16=bf16)
         model = engine.model  # forward through DeepSpeed's engine; it averages gradients over ranks like DDP
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     side, side_enc = None, None
-    if config.get("side"):
-        side_enc = encode(tokenizer, config["side"], config["template"], config["max_length"])
-        side = Counted(side_stream(side_enc, method.side_batch_size(stage), pad, config["seed"], device, rank, world,
+    if job.side:
+        side_enc = encode(tokenizer, job.side, job.template, job.max_length)
+        side = Counted(side_stream(side_enc, method.side_batch_size(stage), pad, job.seed, device, rank, world,
                                     paired=method.side_paired(stage), bucketed=stage.bucketed))
     if method.grouped:
         from hftlab.training.batches import group_stream
         from hftlab.training.grouped import vaa_setup
 
-        members, step, total = vaa_setup(encoded, config["groups"], stage.vaa, epochs=stage.epochs,
-                                         batch_size=stage.batch_size, seed=config["seed"],
+        members, step, total = vaa_setup(encoded, job.groups, stage.vaa, epochs=stage.epochs,
+                                         batch_size=stage.batch_size, seed=job.seed,
                                          loss_fn=token_sum_loss, reduce_fn=_mean_over_ranks)
-        streams = [group_stream(m, stage.batch_size, pad, config["seed"] + k, rank, world, stage.bucketed)
+        streams = [group_stream(m, stage.batch_size, pad, job.seed + k, rank, world, stage.bucketed)
                    for k, m in enumerate(members)]
         readers = [Counted(lambda s=s: {k: v.to(device) for k, v in next(s).items()}) for s in streams]
     else:
         # e.g. SafeGrad's KL reference is the aligned parent: under LoRA the adapter switched off (also after a
         # resume); otherwise loaded apart, since after a resume the model is the checkpoint
-        reference = _load(config, stage, None)[0].to(device) if method.reference_apart(stage) else None
-        step = build_step(stage, engine, side=side, loss_fn=token_sum_loss, seed=config["seed"], total_steps=total,
+        reference = _load(job, None)[0].to(device) if method.reference_apart(stage) else None
+        step = build_step(stage, engine, side=side, loss_fn=token_sum_loss, seed=job.seed, total_steps=total,
                           pad_id=pad, side_rows=side_enc, reference=reference)
         readers = []
     state = {"step": 0}
@@ -105,7 +133,7 @@ def _setup(config: dict, rank: int, world: int):
     return model, tokenizer, engine, step, encoded, readers, side, total, state["step"]
 
 
-def _load(config: dict, stage: AlignConfig | FinetuneConfig, ckpt_dir: str | None):
+def _load(job: WorkerJob, ckpt_dir: str | None):
     """The parent as the whole model config says (dtype, trust_remote_code, the stage's LoRA), or the checkpoint's.
 
     Under LoRA the parent is loaded (a LoRA parent comes merged, as in-process) and gets fresh adapters from the
@@ -113,13 +141,12 @@ def _load(config: dict, stage: AlignConfig | FinetuneConfig, ckpt_dir: str | Non
     """
     from hftlab.models.loading import add_lora, load_model
 
-    opts = {"dtype": precision.weights_for_training(config.get("dtype", "float32")),
-            "trust_remote_code": config.get("trust_remote_code", False)}
-    if not stage.lora.enabled:
-        return load_model(ckpt_dir or config["parent"], **opts)
-    model, tokenizer = load_model(config["parent"], **opts)
+    opts = {"dtype": precision.weights_for_training(job.dtype), "trust_remote_code": job.trust_remote_code}
+    if not job.stage.lora.enabled:
+        return load_model(ckpt_dir or job.parent, **opts)
+    model, tokenizer = load_model(job.parent, **opts)
     if ckpt_dir is None:
-        return add_lora(model, stage.lora), tokenizer
+        return add_lora(model, job.stage.lora), tokenizer
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, ckpt_dir, is_trainable=True), tokenizer
@@ -131,13 +158,14 @@ def loop_per_worker(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config["threads"])
-    torch.manual_seed(config["seed"])
-    stage: AlignConfig | FinetuneConfig = config["stage"]
+    job: WorkerJob = config["job"]
+    torch.set_num_threads(job.threads)
+    torch.manual_seed(job.seed)
+    stage = job.stage
     grouped = method_of(stage).grouped
-    model, tokenizer, engine, step, encoded, readers, side, total, done = _setup(config, rank, world)
+    model, tokenizer, engine, step, encoded, readers, side, total, done = _setup(job, rank, world)
     resumed_at = done
-    cast = precision.autocast_dtype(config.get("dtype", "float32"))  # bf16 autocast under base.dtype=auto
+    cast = precision.autocast_dtype(job.dtype)  # bf16 autocast under base.dtype=auto
     model.train()
     per_epoch = max(math.ceil(len(encoded) / stage.batch_size), 1)
     main = None
@@ -149,7 +177,7 @@ def loop_per_worker(config: dict[str, Any]) -> None:
         else:
             if main is None or done % per_epoch == 0:  # (re)open the epoch the step falls in, skip what was done
                 epoch = done // per_epoch
-                main = batches(encoded, stage.batch_size, tokenizer.pad_token_id, config["seed"], epoch, rank, world,
+                main = batches(encoded, stage.batch_size, tokenizer.pad_token_id, job.seed, epoch, rank, world,
                                stage.bucketed)
                 for _ in range(done % per_epoch):
                     next(main)
@@ -157,18 +185,18 @@ def loop_per_worker(config: dict[str, Any]) -> None:
             with precision.autocast(cast):
                 stats = step(model, batch, engine)
         done, last = done + 1, stats["loss"]
-        if config.get("fail_at_step") == done and resumed_at == 0:  # test hook: crash once, mid-run
-            raise RuntimeError(f"injected failure at step {done}")
+        if job.crash is not None:  # fault injection (faults.CrashOnce): a worker dies mid-run, once
+            job.crash.check(done, first_attempt=resumed_at == 0)
         every = stage.checkpoint_every
         if done == total or (every and done % every == 0):
-            _report(config, model, tokenizer, engine, step, readers, side, done, rank, world, last)
+            _report(job, model, tokenizer, engine, step, readers, side, done, rank, world, last)
 
 
-def _report(config, model, tokenizer, engine, step, readers, side, done, rank, world, last) -> None:
+def _report(job: WorkerJob, model, tokenizer, engine, step, readers, side, done, rank, world, last) -> None:
     """Every rank reports the same metrics; rank 0 writes the weights and shared state, each rank its optimizer shard."""
     import ray.train
 
-    stage = config["stage"]
+    stage = job.stage
     metrics = {"steps": done, "last_loss": last, "world_size": world}
     sharded = stage.zero_stage is not None
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,7 +207,7 @@ def _report(config, model, tokenizer, engine, step, readers, side, done, rank, w
             if (Path(tmp) / "adapter_config.json").is_file():  # a stage like models/loading.save_stage writes
                 from hftlab.models.loading import PARENT_FILE
 
-                (Path(tmp) / PARENT_FILE).write_text(json.dumps({"parent": str(config["parent"])}))
+                (Path(tmp) / PARENT_FILE).write_text(json.dumps({"parent": str(job.parent)}))
             torch.save({"step": done, "step_state": step.state_dict() if hasattr(step, "state_dict") else None,
                         "reads": [r.reads for r in readers], "side_reads": side.reads if side is not None else 0},
                        Path(tmp) / "train_state.pt")
@@ -201,7 +229,7 @@ def _mean_over_ranks(value: float) -> float:
 def train_distributed(stage: AlignConfig | FinetuneConfig, parent: str, pairs: list[Pair], out_dir: str | Path, *,
                       workers: int, seed: int, template: str, max_length: int, storage_path: str,
                       groups: list[int | None] | None = None, side: list[Pair] | None = None, threads: int = 1,
-                      use_gpu: bool = False, max_failures: int = 0, fail_at_step: int | None = None,
+                      use_gpu: bool = False, max_failures: int = 0, crash: CrashOnce | None = None,
                       dtype: str = "float32", trust_remote_code: bool = False, field: str = "use_gpu") -> dict:
     """Train `parent` on `pairs` with a Ray Train TorchTrainer; the trained model lands in `out_dir`.
 
@@ -209,18 +237,17 @@ def train_distributed(stage: AlignConfig | FinetuneConfig, parent: str, pairs: l
     lands as its adapter + hftlab_parent.json, like an in-process one. `use_gpu`: one GPU per worker and nccl;
     without enough GPUs in the cluster it fails before starting, naming `field`.
     The run is named after `out_dir`, so rerunning a stage that crashed resumes from its latest checkpoint.
-    `fail_at_step` is a test hook: the first attempt raises after that step (with `max_failures` >= 1 it resumes).
+    `crash` injects a fault (faults.CrashOnce, for tests): the first attempt dies after that step.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if use_gpu:
         check_gpus(workers, field)
-    config = {"stage": stage, "parent": parent, "pairs": list(pairs), "groups": groups, "side": side, "seed": seed,
-              "template": template, "max_length": max_length, "threads": threads, "fail_at_step": fail_at_step,
-              "dtype": dtype, "trust_remote_code": trust_remote_code, "use_gpu": use_gpu}
+    job = WorkerJob(stage, parent, list(pairs), groups, side, seed, template, max_length, threads=threads, dtype=dtype,
+                    trust_remote_code=trust_remote_code, use_gpu=use_gpu, crash=crash)
     trainer = TorchTrainer(
-        loop_per_worker, train_loop_config=config,
+        loop_per_worker, train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": threads}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(storage_path=str(Path(storage_path).resolve()), name=f"train-{Path(out_dir).name}",
