@@ -124,6 +124,10 @@ def test_backend_auto_is_the_one_measured_faster_here_and_vllm_settings_are_vali
 
     expected = "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
     assert resolve_backend("auto") == expected and resolve_backend("hf") == "hf"
+    assert smoke().eval.vllm.merges_lora == (not torch.cuda.is_available())  # auto: merged LoRA stages on a CPU
+    assert smoke("eval.vllm.lora=request").eval.vllm.merges_lora is False
+    with pytest.raises(ConfigError, match=r"^eval.vllm.lora='fused'"):
+        smoke("eval.vllm.lora=fused")
     assert smoke("eval.backend=auto").eval.generation_backend == expected
     assert smoke("groups.backend=auto").groups.generation_backend == expected
     with pytest.raises(ConfigError, match="cpu_cores"):

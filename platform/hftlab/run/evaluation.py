@@ -37,10 +37,12 @@ def generator(cfg: Config, model_dir: str, log=print):
         from hftlab.generation.vllm import VLLMGenerator
         from hftlab.storage import cache_root
 
-        rank = max([s.lora.r for s in (cfg.align, cfg.finetune) if s.lora.enabled], default=0)
+        merge = cfg.eval.vllm.merges_lora
+        rank = 0 if merge else max([s.lora.r for s in (cfg.align, cfg.finetune) if s.lora.enabled], default=0)
         gen = VLLMGenerator(model_dir, template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens,
                             batch_size=cfg.eval.batch_size, cache=cache_root(cfg), dtype=cfg.base.dtype,
-                            trust_remote_code=cfg.base.trust_remote_code, settings=cfg.eval.vllm, lora_rank=rank)
+                            trust_remote_code=cfg.base.trust_remote_code, settings=cfg.eval.vllm, lora_rank=rank,
+                            merge_lora=merge)
         log(f"[eval] started a vLLM engine for {Path(model_dir).name}")
         return gen
     from hftlab.generation.hf import HFGenerator
@@ -82,6 +84,8 @@ def answers(cfg: Config, model_dir: str, p: Plan, log=print, gens: Generators | 
     `gens`: the run's Generators (one vLLM engine for all its models); none: a generator for this model alone."""
     chosen = cfg.eval.generation_backend
     backend = {"backend": chosen} if chosen != "hf" else {}  # hf: no entry (it predates the option)
+    if chosen == "vllm" and cfg.eval.vllm.merges_lora and (Path(model_dir) / "adapter_config.json").is_file():
+        backend["lora"] = "merge"  # a LoRA stage's merged weights round differently: its answers have their own key
     if p.safe_test:  # over-refusal prompts (no entry without them: older caches stay valid)
         backend["safe"] = p.safe_test
     key = digest({"model": model_dir, "max_new_tokens": cfg.eval.max_new_tokens, "template": cfg.data.template,
