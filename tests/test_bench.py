@@ -71,6 +71,20 @@ def _real_model_or_skip() -> str:
 
 
 @pytest.mark.slow
+def test_lora_serving_bench_prints_one_json_line():
+    _real_model_or_skip()
+    out = subprocess.run([sys.executable, "jobs/bench/lora_serving.py", "--prompts", "4", "--new-tokens", "8",
+                          "--batch-size", "4"], cwd=REPO, capture_output=True, text=True, timeout=600, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1, out.stdout
+    row = json.loads(lines[0])
+    assert row["bench"] == "lora_serving" and row["prompts"] == 4 and row["merge_s"] > 0
+    assert row["request_tokens_per_s"] > 0 and row["merged_tokens_per_s"] > 0
+    assert row["merged_vs_request"] == pytest.approx(row["merged_tokens_per_s"] / row["request_tokens_per_s"], abs=0.01)
+    assert 0.5 <= row["identical_answers"] <= 1.0  # merged weights round differently, so not always all
+
+
+@pytest.mark.slow
 def test_generation_bench_prints_one_json_line_of_ratios():
     _real_model_or_skip()
     out = subprocess.run([sys.executable, "jobs/bench/generation.py", "--prompts", "4", "--new-tokens", "8", "--batch-size", "4",
