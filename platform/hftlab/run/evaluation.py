@@ -124,8 +124,8 @@ def by_set(values: list[bool], sets: list[str], stats) -> dict[str, dict]:
 
 
 @dataclass
-class SetScore:
-    """HS on one prompt set (eval.prompt_sets) with its intervals."""
+class HSScore:
+    """HS with its 95% Wilson interval over the prompts, and corrected for the judge's measured error."""
 
     hs: float
     hs_lo: float
@@ -134,12 +134,18 @@ class SetScore:
     """nan where the judge's error was not measured (no held-out labels)."""
     hs_corrected_lo: float
     hs_corrected_hi: float
-    prompts: int
 
     @property
     def corrected(self) -> bool:
         """Whether HS could be corrected for the judge's measured error."""
         return not math.isnan(self.hs_corrected)
+
+
+@dataclass
+class SetScore(HSScore):
+    """HS on one prompt set (eval.prompt_sets)."""
+
+    prompts: int
 
 
 @dataclass
@@ -153,17 +159,11 @@ class RefusalScore:
 
 
 @dataclass
-class Evaluation:
-    """One model evaluated: HS pooled and per set with intervals, corrected HS, HS+, degenerate and empty shares, FA,
+class Evaluation(HSScore):
+    """One model evaluated: HS pooled (the inherited fields) and per set, HS+, degenerate and empty shares, FA,
     over-refusal, the per-prompt verdicts (paired comparisons need them) and logged samples. Its JSON form is the
     evaluation cache's (`<output_dir>/evals/<key>.json`)."""
 
-    hs: float
-    hs_lo: float
-    hs_hi: float
-    hs_corrected: float
-    hs_corrected_lo: float
-    hs_corrected_hi: float
     hs_plus: float
     degenerate: float
     empty: float
@@ -184,10 +184,6 @@ class Evaluation:
     def metrics(self) -> dict[str, float]:
         """The numbers every stage reports (metrics.METRICS), by name."""
         return {k: getattr(self, k) for k in METRICS}
-
-    @property
-    def corrected(self) -> bool:
-        return not math.isnan(self.hs_corrected)
 
     @property
     def measures_refusal(self) -> bool:
