@@ -268,7 +268,7 @@ def test_safegrad_resumed_from_a_checkpoint_keeps_the_aligned_model_as_kl_refere
     common = dict(workers=2, seed=0, template=cfg.data.template, max_length=cfg.base.max_length, side=side,
                   storage_path=str(tmp_path / "ray"))
     train_distributed(cfg.finetune, base, pairs, tmp_path / "clean", **common)
-    metrics = train_distributed(cfg.finetune, base, pairs, tmp_path / "crashed", max_failures=1, fail_at_step=3, **common)
+    metrics = train_distributed(cfg.finetune, base, pairs, tmp_path / "crashed", max_failures=1, crash=CrashOnce(3), **common)
     assert metrics["steps"] == 6
     clean, crashed, start = weights(tmp_path / "clean"), weights(tmp_path / "crashed"), weights(type(tmp_path)(base))
     assert max((clean[k] - start[k]).abs().max().item() for k in clean) > 1e-3
