@@ -26,13 +26,18 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def is_lora_stage(path: str | Path) -> bool:
+    """A LoRA stage directory (adapter + hftlab_parent.json, save_stage), not a full model."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
 def load_model(name_or_path: str | Path, *, dtype: str = "float32", trust_remote_code: bool = False):
     """(model, tokenizer) from an HF name, a saved full model or a saved LoRA stage, on `device()`; `dtype` auto
     resolves to bf16 where the hardware has it (models/precision.py; a model that trains asks for its weights'
     dtype, precision.weights_for_training)."""
     dtype = precision.resolve(dtype)
     path = Path(name_or_path)
-    if (path / "adapter_config.json").is_file():
+    if is_lora_stage(path):
         return _load_adapter_stage(path, dtype=dtype, trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)

@@ -25,7 +25,7 @@ from hftlab.metrics import (
     refusal_rate,
 )
 from hftlab.models import precision
-from hftlab.models.loading import load_model
+from hftlab.models.loading import is_lora_stage, load_model
 from hftlab.run.inputs import Plan
 from hftlab.storage import atomic_write_text, computed_once
 
@@ -84,7 +84,7 @@ def answers(cfg: Config, model_dir: str, p: Plan, log=print, gens: Generators | 
     `gens`: the run's Generators (one vLLM engine for all its models); none: a generator for this model alone."""
     chosen = cfg.eval.generation_backend
     backend = {"backend": chosen} if chosen != "hf" else {}  # hf: no entry (it predates the option)
-    if chosen == "vllm" and cfg.eval.vllm.merges_lora and (Path(model_dir) / "adapter_config.json").is_file():
+    if chosen == "vllm" and cfg.eval.vllm.merges_lora and is_lora_stage(model_dir):
         backend["lora"] = "merge"  # a LoRA stage's merged weights round differently: its answers have their own key
     if p.safe_test:  # over-refusal prompts (no entry without them: older caches stay valid)
         backend["safe"] = p.safe_test
