@@ -97,3 +97,20 @@ def test_every_paper_config_and_sweep_plans_and_cites_its_reference(path):
     header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
     assert re.search(r"[\w-]+/[\w-]+[ ]?@[ ]?[0-9a-f]{7}", header), f"{path.name}: no repository@commit"
     assert re.search(r"\.(sh|py):L\d+", header), f"{path.name}: no file:line citation"
+
+
+def test_the_real_lanes_sweeps_plan_without_a_hub_and_share_their_alignments():
+    """configs/sweeps/real-operating-point.yaml (the search) and real-comparison.yaml (the defenses x p x seeds) load,
+    validate every trial against ../shared/data and plan with no model loaded: 8 trials on 2 alignments, each trained
+    once for its 4 attacks; 27 trials where SFT and SFT + SafeGrad share one SFT-aligned model per seed."""
+    search = make_plan(REPO / "configs/sweeps/real-operating-point.yaml")
+    assert len(search["trials"]) == 8
+    align = {s["key"] for t in search["trials"] for s in t["stages"] if s["kind"] == "align"}
+    assert len(align) == 2
+    comparison = make_plan(REPO / "configs/sweeps/real-comparison.yaml")
+    assert len(comparison["trials"]) == 27
+    by_trial = [{s["kind"]: s["key"] for s in t["stages"] if s["kind"] in ("align", "judge")} for t in comparison["trials"]]
+    assert len({t["judge"] for t in by_trial}) == 1  # the corpus judge, trained once
+    arms = [t["name"] for t in comparison["trials"]]
+    sft_aligned = {b["align"] for b, name in zip(by_trial, arms, strict=True) if name.startswith("sft+")}
+    assert len(sft_aligned) == 3  # one per seed: SFT's and SafeGrad's 6 trials per seed fine-tune the same model
