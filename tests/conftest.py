@@ -12,6 +12,10 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s and starts a preemption watcher actor per run: ~3 s of a test's
+# ~20 s Ray Train run (6 toy steps) on the idle 2-core machine, 18 such runs in the suite. Tests only.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 from hftlab.config import Config, load_config  # noqa: E402
 

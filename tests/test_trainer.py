@@ -1,5 +1,8 @@
 """Ray Train with 2 CPU workers (DDP over gloo) gives the same weights as 1 worker: SFT, VAA, SafeGrad, Vaccine,
-Booster, RepNoise, Lisa; DeepSpeed ZeRO-2; and a crashed run resumes to the unbroken run's weights."""
+Booster, RepNoise, Lisa; DeepSpeed ZeRO-2; and a crashed run resumes to the unbroken run's weights.
+
+The 1-worker reference is the same worker loop run in this process (training/worker.train_local: a world of one, no
+worker group to start, ~20 s less per comparison); ZeRO needs its ranks, so its reference is 1 Ray Train worker."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from hftlab.data.toyworld import build_world
 from hftlab.faults import CrashOnce
 from hftlab.run.pipeline import base_model
 from hftlab.training.trainer import train_distributed
+from hftlab.training.worker import train_local
 
 
 def weights(path) -> dict[str, torch.Tensor]:
@@ -36,14 +40,12 @@ def test_two_workers_match_one_worker(smoke, ray_local, tmp_path, method):
     pairs = [(a.prompt, a.response) for a in world.alignment[:96]]
     groups = [i % 3 == 0 for i in range(len(pairs))] if method == "vaa" else None
     groups = [int(g) for g in groups] if groups else None
-    out = {}
-    for workers in (1, 2):
-        out[workers] = tmp_path / f"w{workers}"
-        metrics = train_distributed(cfg.align, base, pairs, out[workers], workers=workers, seed=0,
-                                    template=cfg.data.template, max_length=cfg.base.max_length,
-                                    storage_path=str(tmp_path / "ray"), groups=groups)
-        assert metrics["steps"] == 6 and metrics["world_size"] == workers
-    one, two, start = weights(out[1]), weights(out[2]), weights(type(out[1])(base))
+    common = dict(seed=0, template=cfg.data.template, max_length=cfg.base.max_length, groups=groups)
+    metrics = {1: train_local(cfg.align, base, pairs, tmp_path / "w1", **common),  # 1 worker, in this process
+               2: train_distributed(cfg.align, base, pairs, tmp_path / "w2", workers=2,
+                                    storage_path=str(tmp_path / "ray"), **common)}
+    assert [(m["steps"], m["world_size"]) for m in metrics.values()] == [(6, 1), (6, 2)]
+    one, two, start = weights(tmp_path / "w1"), weights(tmp_path / "w2"), weights(type(tmp_path)(base))
     moved = max((one[k] - start[k]).abs().max().item() for k in one)
     assert moved > 1e-3  # training really changed the weights
     for k in one:
@@ -103,14 +105,12 @@ def test_safegrad_two_workers_match_one_worker(smoke, ray_local, tmp_path):
     world = build_world(cfg.data.toy)
     pairs = [(h.prompt, h.response) for h in world.poison[:96]]  # all harmful: conflicts with alignment for sure
     side = [(a.prompt, a.response) for a in world.alignment[:24]]
-    out = {}
-    for workers in (1, 2):
-        out[workers] = tmp_path / f"sg{workers}"
-        metrics = train_distributed(cfg.finetune, base, pairs, out[workers], workers=workers, seed=0, side=side,
-                                    template=cfg.data.template, max_length=cfg.base.max_length,
-                                    storage_path=str(tmp_path / "ray"))
-        assert metrics["steps"] == 6 and metrics["world_size"] == workers
-    one, two = weights(out[1]), weights(out[2])
+    common = dict(seed=0, side=side, template=cfg.data.template, max_length=cfg.base.max_length)
+    metrics = {1: train_local(cfg.finetune, base, pairs, tmp_path / "sg1", **common),
+               2: train_distributed(cfg.finetune, base, pairs, tmp_path / "sg2", workers=2,
+                                    storage_path=str(tmp_path / "ray"), **common)}
+    assert [(m["steps"], m["world_size"]) for m in metrics.values()] == [(6, 1), (6, 2)]
+    one, two = weights(tmp_path / "sg1"), weights(tmp_path / "sg2")
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=2e-5)
 
@@ -152,12 +152,12 @@ def test_lora_on_two_workers_matches_one_worker_and_saves_only_the_adapter(smoke
                 "align.lora.dropout=0")  # dropout masks differ by worker count: off, to compare weights
     base = base_model(cfg, log=lambda *_: None)
     pairs = [(a.prompt, a.response) for a in build_world(cfg.data.toy).alignment[:64]]
-    out = {}
+    out = {w: tmp_path / f"lora{w}" for w in (1, 2)}
+    common = dict(seed=0, template=cfg.data.template, max_length=cfg.base.max_length)
+    metrics = {1: train_local(cfg.align, base, pairs, out[1], **common),
+               2: train_distributed(cfg.align, base, pairs, out[2], workers=2, storage_path=str(tmp_path / "ray"), **common)}
+    assert [(m["steps"], m["world_size"]) for m in metrics.values()] == [(4, 1), (4, 2)]
     for workers in (1, 2):
-        out[workers] = tmp_path / f"lora{workers}"
-        metrics = train_distributed(cfg.align, base, pairs, out[workers], workers=workers, seed=0, template=cfg.data.template,
-                                    max_length=cfg.base.max_length, storage_path=str(tmp_path / "ray"))
-        assert metrics["steps"] == 4 and metrics["world_size"] == workers
         files = sorted(p.name for p in out[workers].iterdir())
         assert "adapter_model.safetensors" in files and "adapter_config.json" in files and PARENT_FILE in files
         assert not any(f.startswith(("model", "optimizer", "train_state")) for f in files), files  # no full weights
@@ -195,43 +195,12 @@ def _pairs_and_side(cfg, method: str) -> tuple[list, list]:
     return pairs, [(h.prompt, h.response) for h in world.alignment_harmful[60:105]]
 
 
-def one_process(cfg, stage, base: str, pairs: list, side: list) -> dict[str, torch.Tensor]:
-    """What 1 Ray Train worker computes, run in this process (no worker group to start): the same batches, side
-    stream, step (token-sum loss), recipe and seed as training/trainer.py's loop with world size 1."""
-    from hftlab.data.template import encode
-    from hftlab.models.loading import load_model
-    from hftlab.training.loop import train
-    from hftlab.training.methods import build_step, method_of, side_stream, step_budget
-    from hftlab.training.trainer import token_sum_loss
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the worker (threads=1)
-    try:
-        model, tok = load_model(base)
-        enc = encode(tok, side, cfg.data.template, cfg.base.max_length)
-        total = step_budget(stage, len(pairs))
-
-        def make_step(engine):
-            method = method_of(stage)
-            src = side_stream(enc, method.side_batch_size(stage), tok.pad_token_id, 0, model.device,
-                              paired=method.side_paired(stage))
-            return build_step(stage, engine, side=src, loss_fn=token_sum_loss, seed=0, total_steps=total,
-                              pad_id=tok.pad_token_id, side_rows=enc)
-
-        train(model, tok, pairs, template=cfg.data.template, epochs=stage.epochs, lr=stage.lr, batch_size=stage.batch_size,
-              seed=0, max_length=cfg.base.max_length, weight_decay=stage.weight_decay, max_grad_norm=stage.max_grad_norm,
-              lr_scheduler=stage.lr_scheduler, warmup_ratio=stage.warmup_ratio, make_step=make_step, max_steps=total)
-    finally:
-        torch.set_num_threads(threads)
-    return {k: v.detach() for k, v in model.state_dict().items()}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["vaccine", "booster", "repnoise", "repnoise_paired", "lisa"])
 def test_baselines_two_workers_match_one_worker(smoke, ray_local, tmp_path, method):
     """Exact, not within a bound: Vaccine all-reduces ||g||, Booster averages its probes, RepNoise all-reduces its log
     term and takes the MMD over the global batch, Lisa's anchors are the same weights on every rank (each algorithm's
-    "Distributed" note). 2 Ray Train workers against one worker's computation run in this process (`one_process`).
+    "Distributed" note). 2 Ray Train workers against one worker's loop run in this process (worker.train_local).
     Batch 15 gives the ranks 8 and 7 rows; under the references' recipe (clipping, weight decay, warmup, cosine)."""
     kind = "finetune" if method == "lisa" else "align"
     name = method.split("_")[0]
@@ -246,8 +215,9 @@ def test_baselines_two_workers_match_one_worker(smoke, ray_local, tmp_path, meth
     metrics = train_distributed(stage, base, pairs, tmp_path / "w2", workers=2, seed=0, side=side,
                                 template=cfg.data.template, max_length=cfg.base.max_length, storage_path=str(tmp_path / "ray"))
     assert metrics["steps"] == 4 and metrics["world_size"] == 2
-    two, start = weights(tmp_path / "w2"), weights(type(tmp_path)(base))
-    one = one_process(cfg, stage, base, pairs, side)
+    assert train_local(stage, base, pairs, tmp_path / "w1", seed=0, side=side, template=cfg.data.template,
+                       max_length=cfg.base.max_length)["steps"] == 4
+    one, two, start = weights(tmp_path / "w1"), weights(tmp_path / "w2"), weights(type(tmp_path)(base))
     assert max((one[k] - start[k]).abs().max().item() for k in two) > 1e-3
     for k in two:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=2e-5)

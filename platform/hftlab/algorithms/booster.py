@@ -31,7 +31,7 @@ null = the stage's batch size, which is 10 in that script too). Deviations:
   restores theta; that is not what this file computes.
 
 Distributed: g_h and g_h' come from `engine.grad`, averaged over ranks, so the harmful perturbation, ||g_h|| and
-d are identical on every rank; with token-sum-normalised losses (training/trainer.py) N ranks reproduce one process.
+d are identical on every rank; with token-sum-normalised losses (training/worker.py) N ranks reproduce one process.
 The harmful batches are each rank's slice of a global harmful batch (`harmful_batch()` is called once per step).
 """
 

@@ -29,7 +29,7 @@ Deviations, all deliberate:
 
 Distributed: the probe runs on this rank's slice of the batch, so g_m is per rank (activations are per sample;
 there is nothing to average). With `sync_norm` (default) the squared norm is summed over ranks (one all-reduce of
-a scalar), so with the token-sum-normalised loss of training/trainer.py eps equals the one-process eps exactly
+a scalar), so with the token-sum-normalised loss of training/worker.py eps equals the one-process eps exactly
 (each rank's gradient is W times the one-process one on its rows, and so is the summed norm). Without it the norm
 is per rank. The update gradient itself is averaged by DDP/DeepSpeed as usual.
 """

@@ -42,7 +42,7 @@ class StageTraining:
     to half fewer tokens per step, jobs/bench/training.py). Each side stream (SafeGrad's, Booster's, VAA's groups)
     batches the same way."""
     workers: int = 1
-    """1: train in this process; N > 1: a Ray Train TorchTrainer with N DDP workers (N workers reproduce 1, see trainer.py)."""
+    """1: train in this process; N > 1: a Ray Train TorchTrainer with N DDP workers (N reproduce 1: training/worker.py)."""
     zero_stage: int | None = None
     """With workers > 1: null = plain DDP; 0, 1, 2 = DeepSpeed ZeRO stage (every method: see training/engine.py)."""
     use_gpu: bool = False

@@ -10,7 +10,7 @@
   not in `p.grad`; these go through DeepSpeed's safe_get/set_full_grad.
 
 Rank averaging relies on the losses being normalised so that the mean over ranks is the global batch's
-gradient (training/trainer.py's token_sum_loss); in one process it is the identity.
+gradient (training/worker.py's token_sum_loss); in one process it is the identity.
 
 The optimizer step follows a stage's `Recipe`, as the HF Trainer every reference trains with does it: AdamW with
 weight decay on all but biases and norm weights, the update gradient clipped to `max_grad_norm` (global L2 norm,

@@ -9,7 +9,7 @@ dataclass as a field of the stage's config (docs/architecture.md).
 
 Steps that need data besides the stage's own batches get it as `side`: encoded pairs turned into an endless stream
 of this rank's slices (side_stream), used by the in-process loop (training/loop.py) and the Ray Train workers
-(training/trainer.py) alike.
+(training/worker.py, under Ray Train or as train_local) alike.
 """
 
 from __future__ import annotations

@@ -1,11 +1,5 @@
-"""Ray Train adapter: the same algorithm steps on N workers, DDP (gloo on CPU, nccl on GPU) or DeepSpeed ZeRO 0-2.
-
-Every worker builds the same global batches from the same seed and trains on its slice of each
-(training/batches.py: rows rank, rank + W, ...). The loss is the token sum of the slice divided by the
-global batch's token count / W, so the rank average of gradients equals the single-process mean-token gradient:
-1 worker and W workers follow the same trajectory up to float rounding. Probe gradients (VAA's eps, SafeGrad's
-alignment gradient) are averaged over ranks by the engine, and VAA's sampler and coin share a seed, so all ranks
-draw the same group and apply the same update.
+"""Ray Train adapter: the worker loop of training/worker.py on N workers, DDP (gloo on CPU, nccl on GPU) or
+DeepSpeed ZeRO 0-2. N workers follow one worker's trajectory up to float rounding (worker.py says why).
 
 Checkpoints: every `checkpoint_every` steps (and at the end) the workers report a checkpoint through
 `ray.train.report`: the weights (safetensors), and in train_state.pt the step, the optimizer (one file per rank
@@ -17,10 +11,6 @@ latest one and continues exactly where it was: the same batches, choices and opt
 
 from __future__ import annotations
 
-import json
-import math
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,202 +18,45 @@ import torch
 
 from hftlab.config.errors import ConfigError
 from hftlab.config.schema import AlignConfig, FinetuneConfig
-from hftlab.data.template import encode
 from hftlab.faults import CrashOnce
-from hftlab.models import precision
-from hftlab.training.batches import Pair, batches
-from hftlab.training.checkpoint import Counted
-from hftlab.training.methods import build_step, method_of, side_stream, step_budget
+from hftlab.training.batches import Pair
+from hftlab.training.worker import WorkerJob, run_worker, strip_training_state
 
 
-@dataclass(frozen=True)
-class WorkerJob:
-    """What every Ray Train worker is handed, typed (Ray pickles it whole): the stage and its data, and the model as
-    base.* says to load it."""
+class RaySession:
+    """A Ray Train worker's side of worker.run_worker: its checkpoint to resume, its device, DDP, ray.train.report."""
 
-    stage: AlignConfig | FinetuneConfig
-    parent: str
-    """The parent model's directory (a LoRA parent comes merged, as in-process)."""
-    pairs: list[Pair]
-    groups: list[int | None] | None
-    """A grouped method's group per pair (None: not grouped)."""
-    side: list[Pair] | None
-    """The pairs the method's record asks for besides the stage's own (None: none)."""
-    seed: int
-    template: str
-    max_length: int
-    threads: int = 1
-    """torch threads per worker (its CPUs)."""
-    dtype: str = "float32"
-    """base.dtype (auto: fp32 weights, bf16 autocast where the hardware has bf16)."""
-    trust_remote_code: bool = False
-    use_gpu: bool = False
-    crash: CrashOnce | None = None
-    """Fault injection (tests): faults.CrashOnce."""
+    def __init__(self) -> None:
+        import ray.train
 
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
 
-def token_sum_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of response-token cross-entropy on this slice / batch["norm"] (global tokens / world size)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
-    return nll / batch["norm"]
+    def checkpoint_dir(self) -> str | None:
+        import ray.train
 
+        ckpt = ray.train.get_checkpoint()
+        return ckpt.to_directory() if ckpt is not None else None
 
-def _setup(job: WorkerJob, rank: int, world: int):
-    """Load the parent (or the checkpoint's weights), wrap it, build the step and the batch sources."""
-    import ray.train
-    import ray.train.torch
+    def device(self) -> torch.device:
+        import ray.train.torch
 
-    from hftlab.training.engine import LocalEngine, Recipe
+        return ray.train.torch.get_device()
 
-    stage = job.stage
-    method = method_of(stage)
-    ckpt = ray.train.get_checkpoint()
-    ckpt_dir = ckpt.to_directory() if ckpt is not None else None
-    model, tokenizer = _load(job, ckpt_dir)
-    model.to(ray.train.torch.get_device())  # this worker's GPU (use_gpu), else the CPU
-    encoded = encode(tokenizer, job.pairs, job.template, job.max_length)
-    # a grouped method: SFT's budget over the examples that belong to a group (grouped.vaa_setup)
-    total = step_budget(stage, sum(g is not None for g in job.groups) if method.grouped else len(encoded))
-    recipe = Recipe.of(stage, total)  # the schedule's position is the engine's steps_taken, saved and resumed
-    if stage.zero_stage is None:
-        model = ray.train.torch.prepare_model(model)  # DDP
-        engine = LocalEngine(model, recipe)
-    else:
-        from hftlab.training.engine import DeepSpeedEngine
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
 
-        bf16 = job.use_gpu and job.dtype == "bfloat16"  # DeepSpeed's bf16 mode: fp32 master weights
-        engine = DeepSpeedEngine(model, recipe, zero_stage=stage.zero_stage, bf16=bf16)
-        model = engine.model  # forward through DeepSpeed's engine; it averages gradients over ranks like DDP
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
-    side, side_enc = None, None
-    if job.side:
-        side_enc = encode(tokenizer, job.side, job.template, job.max_length)
-        side = Counted(side_stream(side_enc, method.side_batch_size(stage), pad, job.seed, device, rank, world,
-                                    paired=method.side_paired(stage), bucketed=stage.bucketed))
-    if method.grouped:
-        from hftlab.training.batches import group_stream
-        from hftlab.training.grouped import vaa_setup
+        return ray.train.torch.prepare_model(model)
 
-        members, step, total = vaa_setup(encoded, job.groups, stage.vaa, epochs=stage.epochs,
-                                         batch_size=stage.batch_size, seed=job.seed,
-                                         loss_fn=token_sum_loss, reduce_fn=_mean_over_ranks)
-        streams = [group_stream(m, stage.batch_size, pad, job.seed + k, rank, world, stage.bucketed)
-                   for k, m in enumerate(members)]
-        readers = [Counted(lambda s=s: {k: v.to(device) for k, v in next(s).items()}) for s in streams]
-    else:
-        # e.g. SafeGrad's KL reference is the aligned parent: under LoRA the adapter switched off (also after a
-        # resume); otherwise loaded apart, since after a resume the model is the checkpoint
-        reference = _load(job, None)[0].to(device) if method.reference_apart(stage) else None
-        step = build_step(stage, engine, side=side, loss_fn=token_sum_loss, seed=job.seed, total_steps=total,
-                          pad_id=pad, side_rows=side_enc, reference=reference)
-        readers = []
-    state = {"step": 0}
-    if ckpt_dir is not None:  # resume: optimizer, step state, and the streams read as far as they were
-        state = torch.load(Path(ckpt_dir) / "train_state.pt", weights_only=True)
-        engine.load(ckpt_dir)
-        if hasattr(step, "load_state_dict"):
-            step.load_state_dict(state["step_state"])
-        for reader, n in zip(readers, state["reads"], strict=True):
-            reader.skip(n)
-        if side is not None:
-            side.skip(state["side_reads"])
-    return model, tokenizer, engine, step, encoded, readers, side, total, state["step"]
+    def report(self, metrics: dict, directory: str | None) -> None:
+        import ray.train
 
-
-def _load(job: WorkerJob, ckpt_dir: str | None):
-    """The parent as the whole model config says (dtype, trust_remote_code, the stage's LoRA), or the checkpoint's.
-
-    Under LoRA the parent is loaded (a LoRA parent comes merged, as in-process) and gets fresh adapters from the
-    seed every rank shares, or, resuming, the checkpoint's adapter, trainable; the base weights stay frozen.
-    """
-    from hftlab.models.loading import add_lora, load_model
-
-    opts = {"dtype": precision.weights_for_training(job.dtype), "trust_remote_code": job.trust_remote_code}
-    if not job.stage.lora.enabled:
-        return load_model(ckpt_dir or job.parent, **opts)
-    model, tokenizer = load_model(job.parent, **opts)
-    if ckpt_dir is None:
-        return add_lora(model, job.stage.lora), tokenizer
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(model, ckpt_dir, is_trainable=True), tokenizer
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
 
 
 def loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs on each Ray Train worker: set up (or resume), train with the configured step, report checkpoints."""
-    import ray.train
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    job: WorkerJob = config["job"]
-    torch.set_num_threads(job.threads)
-    torch.manual_seed(job.seed)
-    stage = job.stage
-    grouped = method_of(stage).grouped
-    model, tokenizer, engine, step, encoded, readers, side, total, done = _setup(job, rank, world)
-    resumed_at = done
-    cast = precision.autocast_dtype(job.dtype)  # bf16 autocast under base.dtype=auto
-    model.train()
-    per_epoch = max(math.ceil(len(encoded) / stage.batch_size), 1)
-    main = None
-    last = float("nan")
-    while done < total:
-        if grouped:
-            with precision.autocast(cast):
-                stats = step(model, lambda g: readers[g](), engine)
-        else:
-            if main is None or done % per_epoch == 0:  # (re)open the epoch the step falls in, skip what was done
-                epoch = done // per_epoch
-                main = batches(encoded, stage.batch_size, tokenizer.pad_token_id, job.seed, epoch, rank, world,
-                               stage.bucketed)
-                for _ in range(done % per_epoch):
-                    next(main)
-            batch = {k: v.to(next(model.parameters()).device) for k, v in next(main).items()}
-            with precision.autocast(cast):
-                stats = step(model, batch, engine)
-        done, last = done + 1, stats["loss"]
-        if job.crash is not None:  # fault injection (faults.CrashOnce): a worker dies mid-run, once
-            job.crash.check(done, first_attempt=resumed_at == 0)
-        every = stage.checkpoint_every
-        if done == total or (every and done % every == 0):
-            _report(job, model, tokenizer, engine, step, readers, side, done, rank, world, last)
-
-
-def _report(job: WorkerJob, model, tokenizer, engine, step, readers, side, done, rank, world, last) -> None:
-    """Every rank reports the same metrics; rank 0 writes the weights and shared state, each rank its optimizer shard."""
-    import ray.train
-
-    stage = job.stage
-    metrics = {"steps": done, "last_loss": last, "world_size": world}
-    sharded = stage.zero_stage is not None
-    with tempfile.TemporaryDirectory() as tmp:
-        if rank == 0:
-            inner = model.module if hasattr(model, "module") else model
-            inner.save_pretrained(tmp, safe_serialization=True)  # under LoRA: the adapter alone
-            tokenizer.save_pretrained(tmp)
-            if (Path(tmp) / "adapter_config.json").is_file():  # a stage like models/loading.save_stage writes
-                from hftlab.models.loading import PARENT_FILE
-
-                (Path(tmp) / PARENT_FILE).write_text(json.dumps({"parent": str(job.parent)}))
-            torch.save({"step": done, "step_state": step.state_dict() if hasattr(step, "state_dict") else None,
-                        "reads": [r.reads for r in readers], "side_reads": side.reads if side is not None else 0},
-                       Path(tmp) / "train_state.pt")
-        engine.save(tmp, rank)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if (rank == 0 or sharded) else None)
-
-
-def _mean_over_ranks(value: float) -> float:
-    """Each rank holds its slice's share of the global mean loss: their mean is the global mean loss."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
+    """Runs on each Ray Train worker: worker.run_worker with this worker's session."""
+    run_worker(config["job"], RaySession())
 
 
 def train_distributed(stage: AlignConfig | FinetuneConfig, parent: str, pairs: list[Pair], out_dir: str | Path, *,
@@ -257,8 +90,7 @@ def train_distributed(stage: AlignConfig | FinetuneConfig, parent: str, pairs: l
     result = trainer.fit()
     out = Path(out_dir)
     result.checkpoint.to_directory(str(out))
-    for extra in [*out.glob("optimizer*.pt"), out / "train_state.pt"]:  # the stage's output is the model alone
-        extra.unlink(missing_ok=True)
+    strip_training_state(out)
     return dict(result.metrics or {})
 
 
