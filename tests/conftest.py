@@ -12,6 +12,9 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# one torch thread in the test process and its children unless a test or config asks for more (configs/smoke.yaml
+# says why: the toy model's two threads stall beside another busy process); the real-model configs set their own
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Ray Train's controller polls its workers every 2 s and starts a preemption watcher actor per run: ~3 s of a test's
 # ~20 s Ray Train run (6 toy steps) on the idle 2-core machine, 18 such runs in the suite. Tests only.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
