@@ -75,9 +75,10 @@ def sweep(args: argparse.Namespace) -> int:
     from hftlab.sweep import runner as sweeps
     from hftlab.sweep.spec import load_sweep
 
-    spec, _ = load_sweep(args.sweep, args.overrides)  # every trial config checked before Ray starts
+    loaded = load_sweep(args.sweep, args.overrides)  # every trial config checked before Ray starts
+    spec = loaded[0]
     sweeps.connect(args.address, args.num_cpus)
-    result = sweeps.run_sweep(args.sweep, args.overrides, resume=args.resume)
+    result = sweeps.run_sweep(args.sweep, args.overrides, resume=args.resume, loaded=loaded)
     if result["interrupted"]:
         return 130
     if spec.report and result["best"] is not None:

@@ -209,3 +209,38 @@ def best_defense(runs: list[dict]) -> dict | None:
     """The finished defense run with the lowest worst-case HS."""
     done = [r for r in runs if r["status"] == "FINISHED" and "worst.hs" in r["metrics"]]
     return min(done, key=lambda r: r["metrics"]["worst.hs"], default=None)
+
+
+class NestedTrials:
+    """A nested attack sweep's trials for sweep/runner.py: each a defense (defense_trial) running its own attack
+    search, scored by its worst guarded HS; the best defense has the lowest."""
+
+    shown = ("worst.hs", "worst.fa", "fixed.hs", "attack.guarded")
+
+    def metric(self, spec) -> str:
+        return "worst.hs"
+
+    def running(self, spec) -> int:
+        """Pipeline runs at once: each defense's attacks run side by side."""
+        return spec.max_concurrent_trials * spec.attack.max_concurrent_trials
+
+    def trainable(self, spec, setup: dict, exp_dir: Path):
+        from dataclasses import asdict
+
+        from ray import tune
+
+        setup = {**setup, "attack": asdict(spec.attack), "resources": {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
+                 "exp_dir": str(exp_dir), "max_failures": spec.max_failures}
+        return tune.with_resources(tune.with_parameters(defense_trial, setup=setup), {"cpu": OUTER_CPU})
+
+    def close_unfinished(self, uri: str, experiment: str, runs: list[dict]) -> None:
+        """The attacks a killed defense left open."""
+        for defense in runs:
+            tracking.close_unfinished(uri, experiment, defense["run_id"])
+
+    def best(self, spec, uri: str, parent: str, runs: list[dict]) -> tuple[dict | None, None]:
+        best = best_defense(runs)
+        if best:
+            tracking.log_metrics(uri, parent, {"best.worst.hs": best["metrics"]["worst.hs"]})
+            tracking.set_tags(uri, parent, {"hftlab.best_run_id": best["run_id"]})
+        return best, None

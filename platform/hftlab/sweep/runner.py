@@ -104,19 +104,69 @@ def best_trial(spec: SweepConfig, runs: list[dict]) -> dict | None:
     return min(eligible, key=lambda r: sign * r["metrics"][spec.metric]) if eligible else None
 
 
-def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool = False, log=print) -> dict:
+class PlainTrials:
+    """A plain sweep's trials: one pipeline run each (hftlab_trial), the best picked by the sweep's metric and
+    constraints and its fine-tuned model registered. A nested attack sweep swaps in sweep/attacks.NestedTrials."""
+
+    shown = ("finetuned.hs", "finetuned.fa", "aligned.hs", "aligned.fa")
+
+    def metric(self, spec: SweepConfig) -> str:
+        return spec.metric
+
+    def running(self, spec: SweepConfig) -> int:
+        """Pipeline runs at once."""
+        return spec.max_concurrent_trials
+
+    def trainable(self, spec: SweepConfig, setup: dict, exp_dir: Path):
+        from ray import tune
+
+        return tune.with_resources(tune.with_parameters(hftlab_trial, setup=setup),
+                                   lambda config: tune.PlacementGroupFactory([sweepfile.trial_resources(spec, config)]))
+
+    def close_unfinished(self, uri: str, experiment: str, runs: list[dict]) -> None:
+        """Nothing below a trial's run to close."""
+
+    def best(self, spec: SweepConfig, uri: str, parent: str, runs: list[dict]) -> tuple[dict | None, object]:
+        """The best trial, logged on the parent run, its model registered when the sweep says so."""
+        best, version = best_trial(spec, runs), None
+        if best is None:
+            return None, None
+        values = {k: best["metrics"][k] for k in ("finetuned.hs", "finetuned.fa", "aligned.hs") if k in best["metrics"]}
+        tracking.log_metrics(uri, parent, {f"best.{k}": v for k, v in values.items()})
+        tracking.set_tags(uri, parent, {"hftlab.best_run_id": best["run_id"]})
+        if spec.register is not None:
+            tags = {"hs": values.get("finetuned.hs"), "fa": values.get("finetuned.fa"), "hftlab.sweep": spec.name,
+                    **{k: best["tags"].get(k) for k in ("ray.trial_id", "hftlab.config_hash", "hftlab.git_commit")}}
+            version = tracking.register_model(uri, best["run_id"], "model/finetuned", spec.register or f"hftlab-{spec.name}",
+                                              tags, alias="best")
+        return best, version
+
+
+def trials_of(spec: SweepConfig):
+    """What this sweep's trials are: plain pipeline runs, or defenses each running an attack search."""
+    if spec.attack.enabled:
+        from hftlab.sweep.attacks import NestedTrials
+
+        return NestedTrials()
+    return PlainTrials()
+
+
+def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool = False, log=print,
+              loaded: tuple[SweepConfig, list[str]] | None = None) -> dict:
     """Run (or resume) a sweep on the Ray instance this process is connected to (`connect()` first).
 
+    `loaded`: what load_sweep(path, overrides) returned, when the caller has checked it already.
     Returns parent_run_id, experiment, tracking_uri, path (the Tune experiment), trials, errors,
     interrupted, best (the best child run or None), model_version and ui (the runs table's URL path)."""
     import ray
     from ray import tune
 
-    spec, fixed = load_sweep(path, overrides)
+    spec, fixed = loaded or load_sweep(path, overrides)
+    kind = trials_of(spec)
     exp_dir = Path(spec.storage_path).resolve() / spec.name
     state_file = exp_dir / STATE_FILE
     cpus = ray.cluster_resources().get("CPU", 0)
-    running = spec.max_concurrent_trials * (spec.attack.max_concurrent_trials if spec.attack.enabled else 1)
+    running = kind.running(spec)
     if spec.uses_ray and running * spec.resources.cpu > cpus - 1:
         raise ConfigError("max_concurrent_trials", spec.max_concurrent_trials,
                           f"trials start Ray work of their own (VAA's groups stage on Ray Data, or workers > 1): "
@@ -139,16 +189,7 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool
 
     if missing := sorted(sweepfile.custom_resources(spec) - set(ray.cluster_resources())):  # an autoscaler may add one
         log(f"warning: no node of this cluster has the custom resources {missing}: their trials wait for one")
-    if spec.attack.enabled:  # nested: each trial is a defense running its own attack search (sweep/attacks.py)
-        from hftlab.sweep.attacks import OUTER_CPU, defense_trial
-
-        res = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
-        setup = {**setup, "attack": asdict(spec.attack), "resources": res, "exp_dir": str(exp_dir),
-                 "max_failures": spec.max_failures}
-        trainable = tune.with_resources(tune.with_parameters(defense_trial, setup=setup), {"cpu": OUTER_CPU})
-    else:
-        trainable = tune.with_resources(tune.with_parameters(hftlab_trial, setup=setup),
-                                        lambda config: tune.PlacementGroupFactory([sweepfile.trial_resources(spec, config)]))
+    trainable = kind.trainable(spec, setup, exp_dir)
     if resume:
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
     else:
@@ -167,7 +208,7 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool
         tuner = tune.Tuner(trainable, param_space=param_space(spec), tune_config=tune_config, run_config=run_config)
     grid = tuner.fit()
     interrupted = grid.num_terminated + grid.num_errors < len(grid)  # Ctrl+C: Tune saved its state and returned
-    return finish(spec, setup, exp_dir, len(grid), grid.num_errors, interrupted, log)
+    return finish(spec, kind, setup, exp_dir, len(grid), grid.num_errors, interrupted, log)
 
 
 def start(spec: SweepConfig, fixed: list[str], exp_dir: Path, spec_hash: str) -> dict:
@@ -191,37 +232,17 @@ def start(spec: SweepConfig, fixed: list[str], exp_dir: Path, spec_hash: str) ->
     return setup
 
 
-def finish(spec: SweepConfig, setup: dict, exp_dir: Path, n_trials: int, n_errors: int, interrupted: bool,
+def finish(spec: SweepConfig, kind, setup: dict, exp_dir: Path, n_trials: int, n_errors: int, interrupted: bool,
            log=print) -> dict:
     """After the trials: close runs left open, register the best model, tag the parent, save the UI view."""
     uri, experiment, parent = setup["tracking_uri"], setup["experiment"], setup["parent_run_id"]
     tracking.close_unfinished(uri, experiment, parent)  # killed mid-pipeline (by ASHA or the interruption)
     runs = tracking.children(uri, experiment, parent)
-    for defense in runs if spec.attack.enabled else []:  # and the attacks of a nested sweep's defenses
-        tracking.close_unfinished(uri, experiment, defense["run_id"])
+    kind.close_unfinished(uri, experiment, runs)
     stopped = [r["run_id"] for r in runs if r["status"] == "KILLED"]
-    metric = "worst.hs" if spec.attack.enabled else spec.metric
-    if spec.attack.enabled:
-        from hftlab.sweep.attacks import best_defense
-
-        best, version = (None if interrupted else best_defense(runs)), None
-        if best:
-            tracking.log_metrics(uri, parent, {"best.worst.hs": best["metrics"]["worst.hs"]})
-            tracking.set_tags(uri, parent, {"hftlab.best_run_id": best["run_id"]})
-    else:
-        best, version = (None, None) if interrupted else (best_trial(spec, runs), None)
-    if best and not spec.attack.enabled:
-        values = {k: best["metrics"][k] for k in ("finetuned.hs", "finetuned.fa", "aligned.hs") if k in best["metrics"]}
-        tracking.log_metrics(uri, parent, {f"best.{k}": v for k, v in values.items()})
-        tracking.set_tags(uri, parent, {"hftlab.best_run_id": best["run_id"]})
-        if spec.register is not None:
-            tags = {"hs": values.get("finetuned.hs"), "fa": values.get("finetuned.fa"), "hftlab.sweep": spec.name,
-                    **{k: best["tags"].get(k) for k in ("ray.trial_id", "hftlab.config_hash", "hftlab.git_commit")}}
-            version = tracking.register_model(uri, best["run_id"], "model/finetuned", spec.register or f"hftlab-{spec.name}",
-                                              tags, alias="best")
-    shown = ("worst.hs", "worst.fa", "fixed.hs", "attack.guarded") if spec.attack.enabled else (
-        "finetuned.hs", "finetuned.fa", "aligned.hs", "aligned.fa")
-    columns = [f"metrics.{m}" for m in shown]
+    metric = kind.metric(spec)
+    best, version = (None, None) if interrupted else kind.best(spec, uri, parent, runs)
+    columns = [f"metrics.{m}" for m in kind.shown]
     ui = tracking.share_view(uri, experiment, f"hftlab-{spec.name}", columns + [f"params.{k}" for k in swept_keys(spec)],
                              [parent], metric)
     tracking.set_status(uri, parent, "KILLED" if interrupted else "FAILED" if n_errors else "FINISHED")
