@@ -34,3 +34,31 @@ def check_writable(field: str, path: str | Path, need_gb: float = 0.0) -> None:
     free = shutil.disk_usage(path).free / 2**30
     if free < need_gb:
         raise ConfigError(field, str(path), f"has {free:.2f} GB free, and this run needs about {need_gb:.2f} GB")
+
+
+def use_threads(n: int | None) -> str:
+    """Set torch's CPU threads (`threads`) again in the calling thread, and say what its kernels use (and used before,
+    when that differed).
+
+    Why again: MKL's thread count is per thread (torch.set_num_threads sets it with mkl_set_num_threads_local), and a
+    Ray worker starts with OMP_NUM_THREADS=<its CPUs>: a sweep trial's stages were seen training with one busy thread
+    of two after the pipeline had set two at its start.
+    """
+    import torch
+
+    before = _kernel_threads()
+    if n:
+        torch.set_num_threads(n)
+    after = _kernel_threads()
+    return f"{torch.get_num_threads()} threads ({after})" + ("" if before == after else f", were ({before})")
+
+
+def _kernel_threads() -> str:
+    """The OpenMP and MKL thread counts the calling thread's kernels get (torch's parallel_info)."""
+    import re
+
+    import torch
+
+    info = torch.__config__.parallel_info()
+    found = [(k, re.search(rf"{k}_get_max_threads\(\) : (\d+)", info)) for k in ("omp", "mkl")]
+    return ", ".join(f"{'OpenMP' if k == 'omp' else 'MKL'} {m[1]}" for k, m in found if m)
