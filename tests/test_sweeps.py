@@ -291,3 +291,13 @@ def test_a_killed_sweep_resumes_to_exactly_the_planned_trials(tmp_path, tiny_cac
     parents = [r for r in client.search_runs([client.get_experiment_by_name("killme").experiment_id])
                if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+
+def test_a_sweep_stopped_before_its_grid_was_created_counts_as_interrupted(tmp_path):
+    """Tune creates a grid's trials as slots free up: interrupted after 3 of 8 trials, its result grid holds 4 (3 ended,
+    1 stopped). That is an interrupted sweep (resumable, no best model registered), not a finished one of 4 trials."""
+    from hftlab.sweep.runner import unfinished
+
+    spec, _ = load_sweep(REPO / "configs" / "sweeps" / "real-operating-point.yaml")
+    assert unfinished(spec, ended=4, created=4) and unfinished(spec, ended=7, created=8)
+    assert not unfinished(spec, ended=8, created=8)

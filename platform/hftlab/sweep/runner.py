@@ -25,6 +25,7 @@ import yaml
 from hftlab.config.loader import ConfigError, digest, load_config
 from hftlab.metrics import stage_metrics
 from hftlab.sweep import spec as sweepfile
+from hftlab.sweep.space import grid_size
 from hftlab.sweep.spec import CONSTRAINT, SweepConfig, load_sweep, swept_keys, trial_dotlist, trial_name
 from hftlab.tracking import client as tracking
 
@@ -207,8 +208,15 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, resume: bool
                                     failure_config=tune.FailureConfig(max_failures=spec.max_failures))
         tuner = tune.Tuner(trainable, param_space=param_space(spec), tune_config=tune_config, run_config=run_config)
     grid = tuner.fit()
-    interrupted = grid.num_terminated + grid.num_errors < len(grid)  # Ctrl+C: Tune saved its state and returned
+    interrupted = unfinished(spec, grid.num_terminated + grid.num_errors, len(grid))
     return finish(spec, kind, setup, exp_dir, len(grid), grid.num_errors, interrupted, log)
+
+
+def unfinished(spec: SweepConfig, ended: int, created: int) -> bool:
+    """Whether Tune returned before every planned trial ended (Ctrl+C: it saved its state and returned). The planned
+    count, not the trials created: a grid's trials are created as slots free up, so an interrupted 8-point grid may
+    hold 4 (a sweep stopped after 3 of 8 was once reported finished and its best model registered)."""
+    return ended < max(created, grid_size(spec.space) * spec.num_samples)
 
 
 def start(spec: SweepConfig, fixed: list[str], exp_dir: Path, spec_hash: str) -> dict:
