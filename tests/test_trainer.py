@@ -145,7 +145,8 @@ def test_lora_on_two_workers_matches_one_worker_and_saves_only_the_adapter(smoke
     """The stage's LoRA on Ray Train workers: 2 workers give 1 worker's adapter, and the stage holds the adapter alone."""
     import json
 
-    from hftlab.models.loading import PARENT_FILE, load_model
+    from hftlab.models.loading import load_model
+    from hftlab.models.stage_dir import PARENT_FILE
 
     cfg = smoke("align.epochs=1", "align.batch_size=16", "align.lr=1e-2", "align.lora.enabled=true", "align.lora.r=4",
                 "align.lora.alpha=8", "align.lora.target_modules=[q_proj,v_proj]", "align.workers=2",

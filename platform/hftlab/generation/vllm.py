@@ -34,9 +34,9 @@ from hftlab.config.errors import ConfigError
 from hftlab.config.evaluation import VLLMConfig
 from hftlab.data.template import add_special_tokens, fit_to_context, prompt_text
 from hftlab.models import precision
+from hftlab.models.stage_dir import ADAPTER_CONFIG, adapter_rank, is_lora_stage, parent_of
 from hftlab.storage import atomic_dir
 
-PARENT_FILE = "hftlab_parent.json"  # models/loading.PARENT_FILE (not imported: that pulls in transformers' models)
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 
@@ -59,10 +59,6 @@ class Serving:
     """The adapter's rank (0 without one)."""
 
 
-def _is_adapter(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
-
-
 def content_key(path: str | Path) -> str:
     """A key of what a model directory holds: an adapter's files and its parent's key, or a full model's path and files.
 
@@ -71,11 +67,11 @@ def content_key(path: str | Path) -> str:
     """
     path = Path(path).resolve()
     h = hashlib.sha256()
-    if _is_adapter(path):
-        for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+    if is_lora_stage(path):
+        for name in (ADAPTER_CONFIG, "adapter_model.safetensors", "adapter_model.bin"):
             if (path / name).is_file():
                 h.update(name.encode() + (path / name).read_bytes())
-        h.update(content_key(json.loads((path / PARENT_FILE).read_text())["parent"]).encode())
+        h.update(content_key(parent_of(path)).encode())
     else:
         h.update(str(path).encode())
         for f in sorted(path.glob("*")):
@@ -106,13 +102,12 @@ def serving(model_dir: str | Path, cache: Path, *, dtype: str = "float32", trust
             merge_lora: bool = False) -> Serving:
     """The engine's weights and the request's adapter for a model directory (see the module's docstring);
     `merge_lora`: every LoRA stage as a merged copy, no adapter."""
-    if not _is_adapter(model_dir):
+    if not is_lora_stage(model_dir):
         return Serving(str(model_dir))
     if merge_lora:
         return Serving(merged_copy(model_dir, cache, dtype=dtype, trust_remote_code=trust_remote_code))
-    parent = json.loads((Path(model_dir) / PARENT_FILE).read_text())["parent"]
-    rank = int(json.loads((Path(model_dir) / "adapter_config.json").read_text())["r"])
-    if _is_adapter(parent):
+    parent, rank = parent_of(model_dir), adapter_rank(model_dir)
+    if is_lora_stage(parent):
         parent = merged_copy(parent, cache, dtype=dtype, trust_remote_code=trust_remote_code)
     return Serving(str(parent), str(model_dir), rank)
 

@@ -7,7 +7,6 @@ base -> aligned -> fine-tuned never stores a full copy of a large model per stag
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -16,19 +15,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hftlab.config.errors import ConfigError
 from hftlab.config.schema import LoraConfig
 from hftlab.models import precision
+from hftlab.models.stage_dir import is_lora_stage, mark_parent, parent_of
 from hftlab.storage import atomic_dir
-
-PARENT_FILE = "hftlab_parent.json"
 
 
 def device() -> torch.device:
     """The one accelerator if there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def is_lora_stage(path: str | Path) -> bool:
-    """A LoRA stage directory (adapter + hftlab_parent.json, save_stage), not a full model."""
-    return (Path(path) / "adapter_config.json").is_file()
 
 
 def load_model(name_or_path: str | Path, *, dtype: str = "float32", trust_remote_code: bool = False):
@@ -58,7 +51,7 @@ def load_model(name_or_path: str | Path, *, dtype: str = "float32", trust_remote
 def _load_adapter_stage(path: Path, *, dtype: str, trust_remote_code: bool):
     from peft import PeftModel
 
-    parent = json.loads((path / PARENT_FILE).read_text())["parent"]
+    parent = parent_of(path)
     base, tokenizer = load_model(parent, dtype=dtype, trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
     model.requires_grad_(True)  # peft froze the base for the adapter; merged, it is a full model like any other
@@ -99,6 +92,5 @@ def save_stage(model: torch.nn.Module, tokenizer, out_dir: str | Path, parent: s
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        if (tmp / "adapter_config.json").is_file():
-            (tmp / PARENT_FILE).write_text(json.dumps({"parent": str(parent)}))
+        mark_parent(tmp, parent)
     return out_dir

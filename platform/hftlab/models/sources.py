@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hftlab.config.errors import ConfigError
+from hftlab.models.stage_dir import is_model_dir
 from hftlab.storage import atomic_dir, computed_once
 
 VERSION = 1  # bump when the conversion changes what it writes
@@ -109,7 +110,7 @@ def check_model_ref(value: str, field: str) -> None:
         return
     path = Path(value).expanduser()
     if path.exists():
-        if not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+        if not is_model_dir(path):
             raise ConfigError(field, value, "is not a model directory (no config.json or adapter_config.json)")
         return
     if value.startswith(("/", ".", "~")) or (os.sep in value and not HUB_NAME.match(value)):

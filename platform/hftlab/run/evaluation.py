@@ -25,7 +25,8 @@ from hftlab.metrics import (
     refusal_rate,
 )
 from hftlab.models import precision
-from hftlab.models.loading import is_lora_stage, load_model
+from hftlab.models.loading import load_model
+from hftlab.models.stage_dir import is_lora_stage
 from hftlab.run.inputs import Plan
 from hftlab.storage import atomic_write_text, computed_once
 

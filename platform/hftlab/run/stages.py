@@ -15,6 +15,7 @@ from hftlab.config.schema import Config
 from hftlab.data.template import encode
 from hftlab.models import precision
 from hftlab.models.loading import add_lora, for_training, load_model, save_stage
+from hftlab.models.stage_dir import is_model_dir
 from hftlab.resources import peak_rss_gb, use_threads
 from hftlab.run.inputs import Plan, with_refusals
 from hftlab.storage import atomic_dir, computed_once
@@ -45,8 +46,7 @@ def train_stage(cfg: Config, kind: str, parent: str, pairs: list[tuple[str, str]
     key = digest({"parent": parent, "cfg": getattr(cfg, kind), "pairs": pairs, "seed": cfg.seed, "groups": groups, "side": side,
                   "template": cfg.data.template, "max_length": cfg.base.max_length, **precision.training_key(cfg.base.dtype)})
     out = Path(cfg.output_dir) / f"{kind}-{key}"
-    with computed_once(out, lambda: (out / "config.json").is_file() or (out / "adapter_config.json").is_file(),
-                       log) as todo:
+    with computed_once(out, lambda: is_model_dir(out), log) as todo:
         if not todo:
             log(f"[{kind}] reusing {out}")
             return str(out)

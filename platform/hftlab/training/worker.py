@@ -15,7 +15,6 @@ the model's wrapper (DDP) and where a reported checkpoint goes. `train_local` ru
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import tempfile
@@ -28,6 +27,7 @@ from hftlab.config.schema import AlignConfig, FinetuneConfig
 from hftlab.data.template import encode
 from hftlab.faults import CrashOnce
 from hftlab.models import precision
+from hftlab.models.stage_dir import mark_parent
 from hftlab.training.batches import Pair, batches
 from hftlab.training.checkpoint import Counted
 from hftlab.training.methods import build_step, method_of, side_stream, step_budget
@@ -214,10 +214,7 @@ def _report(job: WorkerJob, session, model, tokenizer, engine, step, readers, si
             inner = model.module if hasattr(model, "module") else model
             inner.save_pretrained(tmp, safe_serialization=True)  # under LoRA: the adapter alone
             tokenizer.save_pretrained(tmp)
-            if (Path(tmp) / "adapter_config.json").is_file():  # a stage like models/loading.save_stage writes
-                from hftlab.models.loading import PARENT_FILE
-
-                (Path(tmp) / PARENT_FILE).write_text(json.dumps({"parent": str(job.parent)}))
+            mark_parent(tmp, job.parent)  # a LoRA stage like models/loading.save_stage writes
             torch.save({"step": done, "step_state": step.state_dict() if hasattr(step, "state_dict") else None,
                         "reads": [r.reads for r in readers], "side_reads": side.reads if side is not None else 0},
                        Path(tmp) / "train_state.pt")
