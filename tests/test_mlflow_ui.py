@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from hftlab.run.pipeline import run
-from hftlab.sweep.runner import finish
+from hftlab.sweep.runner import finish, trials_of
 from hftlab.sweep.spec import SweepConfig
 from hftlab.tracking import client as tracking
 from tests.conftest import REPO, free_port
@@ -110,8 +110,8 @@ def test_mlflow_ui_lists_the_sweep_runs_with_hs_and_fa_columns(tmp_path, smoke, 
         name = f"sft+sft poison_ratio={p}"
         trials[name] = run(cfg, log=lambda *_: None, parent_run_id=parent, run_name=name,
                            tags={"hftlab.sweep": "ui-sweep", "hftlab.role": "trial"})
-    result = finish(spec, {"tracking_uri": uri, "experiment": "ui-sweep", "parent_run_id": parent}, tmp_path, 2, 0, False,
-                    log=lambda *_: None)
+    setup = {"tracking_uri": uri, "experiment": "ui-sweep", "parent_run_id": parent}
+    result = finish(spec, trials_of(spec), setup, tmp_path, 2, 0, False, log=lambda *_: None)
     assert result["ui"].startswith("#/experiments/") and "viewStateShareKey=hftlab-ui-sweep" in result["ui"]
 
     url = f"{ui_ready()}/{result['ui']}"
