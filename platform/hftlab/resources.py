@@ -36,25 +36,14 @@ def check_writable(field: str, path: str | Path, need_gb: float = 0.0) -> None:
         raise ConfigError(field, str(path), f"has {free:.2f} GB free, and this run needs about {need_gb:.2f} GB")
 
 
-def use_threads(n: int | None) -> str:
-    """Set torch's CPU threads (`threads`) in the thread that trains, and say what its kernels get (and had, when that
-    differed): MKL's count is per thread. A sweep trial's threads are its CPUs (sweep/spec.py): with `resources.cpu: 1`
-    a real fine-tuning step took 14-19 s on one thread against ~10 s on two, which this line in the log makes plain."""
-    import torch
-
-    before = _kernel_threads()
-    if n:
-        torch.set_num_threads(n)
-    after = _kernel_threads()
-    return f"{torch.get_num_threads()} threads ({after})" + ("" if before == after else f", were ({before})")
-
-
-def _kernel_threads() -> str:
-    """The OpenMP and MKL thread counts the calling thread's kernels get (torch's parallel_info)."""
+def kernel_threads() -> str:
+    """The torch, OpenMP and MKL thread counts the calling thread's kernels get (MKL's count is per thread), for a
+    stage's log line. A sweep trial's threads are its CPUs (sweep/spec.py): with `resources.cpu: 1` a real fine-tuning
+    step took 14-19 s on one thread against ~10 s on two, which this line makes plain."""
     import re
 
     import torch
 
     info = torch.__config__.parallel_info()
-    found = [(k, re.search(rf"{k}_get_max_threads\(\) : (\d+)", info)) for k in ("omp", "mkl")]
-    return ", ".join(f"{'OpenMP' if k == 'omp' else 'MKL'} {m[1]}" for k, m in found if m)
+    found = [(name, re.search(rf"{k}_get_max_threads\(\) : (\d+)", info)) for k, name in (("omp", "OpenMP"), ("mkl", "MKL"))]
+    return f"{torch.get_num_threads()} threads (" + ", ".join(f"{name} {m[1]}" for name, m in found if m) + ")"

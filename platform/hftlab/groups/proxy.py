@@ -18,7 +18,7 @@ from hftlab.data.mixing import finetune_mix
 from hftlab.data.records import HarmfulPair, TaskExample
 from hftlab.models import precision
 from hftlab.models.loading import for_training, load_model, save_stage
-from hftlab.resources import use_threads
+from hftlab.resources import kernel_threads
 from hftlab.storage import atomic_write_text, computed_once
 from hftlab.training.checkpoint import Checkpoint
 from hftlab.training.loop import train
@@ -63,7 +63,7 @@ def _train_proxy(cfg: Config, proxy: ProxyConfig, aligned_dir: str, pairs: list,
             model.train()
 
     log(f"[proxy] {proxy.task} p={proxy.poison_ratio}: {len(pairs)} examples x {proxy.epochs} epochs, "
-        f"checkpoint every {every} steps, {use_threads(cfg.threads)}")
+        f"checkpoint every {every} steps, {kernel_threads()}")
     train(model, tokenizer, pairs, template=cfg.data.template, epochs=proxy.epochs, lr=proxy.lr,
           batch_size=proxy.batch_size, seed=seed, max_length=cfg.base.max_length, on_step=on_step,
           desc=f"proxy {proxy.task} p={proxy.poison_ratio}", checkpoint=state, bucketed=proxy.bucketed,

@@ -16,7 +16,7 @@ from hftlab.data.template import encode
 from hftlab.models import precision
 from hftlab.models.loading import add_lora, for_training, load_model, save_stage
 from hftlab.models.stage_dir import is_model_dir
-from hftlab.resources import peak_rss_gb, use_threads
+from hftlab.resources import kernel_threads, peak_rss_gb
 from hftlab.run.inputs import Plan, with_refusals
 from hftlab.storage import atomic_dir, computed_once
 from hftlab.tracking.logger import Tracker
@@ -88,7 +88,7 @@ def _train(cfg: Config, kind: str, parent: str, pairs, tracker: Tracker, log, gr
             tracker.metrics({f"{kind}.{k}": v for k, v in stats.items() if not math.isnan(v)}, step=step)
 
     log(f"[{kind}] {stage_cfg.method}: {len(pairs)} examples x {stage_cfg.epochs} epochs, lr {stage_cfg.lr}, "
-        f"{use_threads(cfg.threads)}")
+        f"{kernel_threads()}")
     common = dict(template=cfg.data.template, epochs=stage_cfg.epochs, lr=stage_cfg.lr, batch_size=stage_cfg.batch_size,
                   seed=cfg.seed, max_length=cfg.base.max_length, weight_decay=stage_cfg.weight_decay,
                   max_grad_norm=stage_cfg.max_grad_norm, lr_scheduler=stage_cfg.lr_scheduler,
